@@ -1,0 +1,178 @@
+"""Settings, read once from the environment (and an optional .env) and passed down.
+
+Nothing here runs at import time: `load_settings()` builds the object, and a bad
+value raises `ConfigError` with one line that names the variable, which main.py
+prints before exiting with status 2.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+from urllib.parse import quote, urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from errors import ConfigError
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
+_SECRET_FIELDS = {"redis_password", "redis_url", "database_url", "db_password"}
+
+
+class Settings(BaseSettings):
+    """Every setting, with the original README's names and defaults.
+
+    Field `batch_size` is read from BATCH_SIZE, and so on (names are case-insensitive).
+    """
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", validate_default=True)
+
+    # Redis: REDIS_URL (redis:// or rediss:// for TLS) wins over the parts.
+    redis_url: SecretStr | None = None
+    redis_host: str = "localhost"
+    redis_port: int = Field(6379, ge=1, le=65535)
+    redis_db: int = Field(0, ge=0)
+    redis_password: SecretStr | None = None
+
+    # PostgreSQL: DATABASE_URL wins over the DB_* parts.
+    database_url: SecretStr | None = None
+    db_host: str = "localhost"
+    db_port: int = Field(5432, ge=1, le=65535)
+    db_name: str | None = None
+    db_user: str = "postgres"
+    db_password: SecretStr | None = None
+    db_pool_min_size: int = Field(1, ge=1)
+    db_pool_max_size: int = Field(4, ge=1, le=100)
+    db_connect_timeout_s: float = Field(5.0, gt=0)
+
+    # Consumers
+    consumer_group_name: str = Field("db_writer", min_length=1)
+    consumer_name: str = Field("worker-01", min_length=1, max_length=200)
+    batch_size: int = Field(100, ge=1, le=100_000)
+    batch_timeout_sec: float = Field(5.0, gt=0, le=300)
+    processing_interval_sec: float = Field(0.0, ge=0, le=60)
+    max_retries: int = Field(5, ge=1, le=1000)
+    claim_idle_ms: int = Field(60_000, ge=1000)
+    stream_rescan_sec: float = Field(10.0, gt=0)
+    consumer_lock_ttl_sec: float = Field(10.0, ge=2)
+
+    # Streams
+    stream_pattern: str = Field("mqtt_stream:*", min_length=1)
+    dead_letter_stream: str = Field("mqtt_stream:failed", min_length=1)
+    dead_letter_maxlen: int = Field(100_000, ge=100)
+
+    # Database schema
+    table_name: str = "sensor_readings"
+    enable_timescale: bool = False
+    timescale_chunk_interval: str = "1 day"
+
+    # Running
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["json", "console"] = "json"
+    shutdown_timeout_sec: float = Field(30.0, gt=0)
+    max_outage_sec: float = Field(900.0, ge=0)
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) and value.upper() in _LEVELS else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("table_name")
+    @classmethod
+    def _plain_identifier(cls, value: str) -> str:
+        if not _IDENTIFIER.fullmatch(value):
+            raise ValueError("must be a plain SQL identifier (letters, digits, _; at most 63 characters)")
+        return value
+
+    @field_validator("timescale_chunk_interval")
+    @classmethod
+    def _interval(cls, value: str) -> str:
+        if not re.fullmatch(r"\d+\s*(second|minute|hour|day|week|month)s?", value.strip()):
+            raise ValueError("must look like '1 day', '6 hours' or '2 weeks'")
+        return value.strip()
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and urlsplit(value.get_secret_value()).scheme not in {"redis", "rediss", "unix"}:
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return value
+        parts = urlsplit(value.get_secret_value())
+        if parts.scheme not in {"postgresql", "postgres", "postgresql+psycopg"}:
+            raise ValueError("must be a postgresql:// URL")
+        if not parts.path.strip("/") and "dbname=" not in parts.query:
+            raise ValueError("must name a database (postgresql://user@host:5432/DBNAME)")
+        return value
+
+    @model_validator(mode="after")
+    def _database_named(self) -> Settings:
+        if self.database_url is None and not self.db_name:
+            raise ValueError("DATABASE_URL (or DB_NAME with DB_HOST/DB_PORT/DB_USER/DB_PASSWORD) must be set")
+        if self.db_pool_min_size > self.db_pool_max_size:
+            raise ValueError("DB_POOL_MIN_SIZE must not exceed DB_POOL_MAX_SIZE")
+        return self
+
+    # Derived values: the rest of the code asks these, never the raw parts.
+
+    @property
+    def redis_dsn(self) -> str:
+        if self.redis_url is not None:
+            return self.redis_url.get_secret_value()
+        auth = f":{quote(self.redis_password.get_secret_value(), safe='')}@" if self.redis_password else ""
+        return f"redis://{auth}{self.redis_host}:{self.redis_port}/{self.redis_db}"
+
+    @property
+    def postgres_dsn(self) -> str:
+        """A libpq URL for psycopg (no SQLAlchemy driver suffix)."""
+        if self.database_url is not None:
+            return self.database_url.get_secret_value().replace("postgresql+psycopg://", "postgresql://", 1)
+        auth = quote(self.db_user, safe="")
+        if self.db_password is not None:
+            auth += ":" + quote(self.db_password.get_secret_value(), safe="")
+        return f"postgresql://{auth}@{self.db_host}:{self.db_port}/{quote(self.db_name or '', safe='')}"
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return "postgresql+psycopg://" + self.postgres_dsn.split("://", 1)[1]
+
+    @property
+    def block_ms(self) -> int:
+        return int(self.batch_timeout_sec * 1000)
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced, for logs and messages."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings from the environment; overrides (for tests) win over it."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc)) from None
+
+
+def _one_line(exc: ValidationError) -> str:
+    """The first problem as `NAME: reason (got 'value')`, never echoing a secret."""
+    error = exc.errors(include_url=False)[0]
+    field = str(error["loc"][0]) if error["loc"] else ""
+    message = error["msg"].removeprefix("Value error, ")
+    if not field:
+        return f"invalid configuration: {message}"
+    shown = "" if field in _SECRET_FIELDS or "input" not in error else f" (got {error['input']!r})"
+    return f"{field.upper()}: {message}{shown}"
