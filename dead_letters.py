@@ -1,0 +1,106 @@
+"""Dead-letter records: the original README's fields plus a tracing record.
+
+One record serves both homes: the capped Redis stream DEAD_LETTER_STREAM and the
+`db_writer_dead_letters` table, which keeps everything the stream's cap trims.
+Original fields are kept verbatim; bytes that are not UTF-8 (or hold NUL, which
+PostgreSQL text cannot) are stored as {"base64": ...} so a replay restores them.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import NamedTuple
+
+import schema
+
+
+class DeadLetter(NamedTuple):
+    original_stream: str
+    original_id: str
+    device_id: str
+    sensor_type: str
+    value: str
+    step: str  # deliver | parse | validate | write
+    error: str
+    delivery_count: int
+    fields: dict  # JSON-safe, see encode_fields
+    failed_at: float
+
+
+def make(stream: bytes, entry_id: bytes, fields: dict, step: str, error: str, delivery_count: int) -> DeadLetter:
+    try:
+        device_id, sensor_type = schema.parse_stream_name(stream)
+    except schema.InvalidEntry:
+        device_id = sensor_type = ""
+    return DeadLetter(
+        original_stream=_text(stream),
+        original_id=_text(entry_id),
+        device_id=device_id,
+        sensor_type=sensor_type,
+        value=_text(fields.get(b"value", fields.get("value", b"")))[:1000],
+        step=step,
+        error=error,
+        delivery_count=delivery_count,
+        fields=encode_fields(fields),
+        failed_at=time.time(),
+    )
+
+
+def stream_fields(letter: DeadLetter, group: str, consumer: str) -> dict[str, str]:
+    """The entry added to DEAD_LETTER_STREAM."""
+    return {
+        "original_stream": letter.original_stream,
+        "original_id": letter.original_id,
+        "device_id": letter.device_id,
+        "sensor_type": letter.sensor_type,
+        "value": letter.value,
+        "error": letter.error,
+        "failed_at": f"{letter.failed_at:.3f}",
+        "step": letter.step,
+        "delivery_count": str(letter.delivery_count),
+        "consumer_group": group,
+        "consumer": consumer,
+        "fields": json.dumps(letter.fields, separators=(",", ":")),
+    }
+
+
+def encode_fields(fields: dict) -> dict:
+    return {_json_key(k): _json_value(v) for k, v in fields.items()}
+
+
+def decode_fields(encoded: dict) -> dict[bytes, bytes]:
+    """The inverse of encode_fields, for replays."""
+    return {_raw(k): _raw(v) for k, v in encoded.items()}
+
+
+def _json_value(raw: bytes | str) -> str | dict:
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogatepass")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return {"base64": base64.b64encode(raw).decode("ascii")}
+    return {"base64": base64.b64encode(raw).decode("ascii")} if "\x00" in text else text
+
+
+def _json_key(raw: bytes | str) -> str:
+    value = _json_value(raw)
+    if isinstance(value, str) and not value.startswith("base64:"):
+        return value
+    raw = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
+    return "base64:" + base64.b64encode(raw).decode("ascii")
+
+
+def _raw(value: str | dict) -> bytes:
+    if isinstance(value, dict):
+        return base64.b64decode(value["base64"])
+    if value.startswith("base64:"):
+        return base64.b64decode(value[7:])
+    return value.encode("utf-8")
+
+
+def _text(raw: bytes | str) -> str:
+    text = raw if isinstance(raw, str) else raw.decode("utf-8", "backslashreplace")
+    return text.replace("\x00", "\\x00")

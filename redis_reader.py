@@ -1,0 +1,245 @@
+"""Consumer-group reads from every stream matching STREAM_PATTERN, and acks after commit.
+
+XREADGROUP's COUNT applies per stream, so reads go over windows of at most
+BATCH_SIZE streams with COUNT = BATCH_SIZE // window: a batch never holds more
+than BATCH_SIZE entries, however many streams there are (the original read up
+to BATCH_SIZE x streams). Only when a whole round of windows was empty does a
+read block, over all streams at once, for BATCH_TIMEOUT_SEC.
+
+redis and its errors stay in this module: a lost connection becomes
+TransientError, a missing group (stream recreated, Redis restarted empty) is
+created again.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import redis
+import structlog
+
+import dead_letters
+from config import Settings
+from errors import TransientError
+
+log = structlog.get_logger("redis_reader")
+
+Entry = tuple[bytes, bytes, dict]  # (stream, entry id, fields)
+_TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
+def connect(settings: Settings) -> redis.Redis:
+    """A client whose socket timeout outlasts the blocking read (redis-py 8 defaults to 5 s)."""
+    return redis.Redis.from_url(
+        settings.redis_dsn,
+        socket_timeout=settings.batch_timeout_sec + 10,
+        socket_connect_timeout=settings.db_connect_timeout_s,
+        health_check_interval=30,
+        decode_responses=False,
+    )
+
+
+@dataclass
+class Batch:
+    """Entries to write together. `deliveries` is filled for redelivered entries only."""
+
+    entries: list[Entry] = field(default_factory=list)
+    deliveries: dict[tuple[bytes, bytes], int] = field(default_factory=dict)
+    trimmed: list[tuple[bytes, bytes]] = field(default_factory=list)  # pending, but gone from the stream
+    source: str = "new"  # new | pending | claimed
+
+    def __len__(self) -> int:
+        return len(self.entries) + len(self.trimmed)
+
+    def split(self, size: int) -> Iterable[Batch]:
+        if len(self.entries) <= size:
+            yield self
+            return
+        for start in range(0, len(self.entries), size):
+            part = self.entries[start : start + size]
+            keys = {(s, i) for s, i, _ in part}
+            yield Batch(
+                part,
+                {k: v for k, v in self.deliveries.items() if k in keys},
+                self.trimmed if start == 0 else [],
+                self.source,
+            )
+
+
+class StreamReader:
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self._redis = client
+        self._group = settings.consumer_group_name
+        self._consumer = settings.consumer_name
+        self._batch_size = settings.batch_size
+        self._block_ms = settings.block_ms
+        self._pattern = settings.stream_pattern
+        self._dead_letter_stream = settings.dead_letter_stream.encode()
+        self._dead_letter_maxlen = settings.dead_letter_maxlen
+        self._claim_idle_ms = settings.claim_idle_ms
+        self.streams: list[bytes] = []
+        self._cursor = 0
+
+    # Streams and groups
+
+    def refresh_streams(self) -> list[bytes]:
+        """SCAN for streams (never KEYS) and create the group where it is missing.
+
+        A new group starts at id 0, so entries queued before the first start are read."""
+        with _translated("discover streams"):
+            found = {
+                key
+                for key in self._redis.scan_iter(match=self._pattern, count=1000, _type="STREAM")
+                if key != self._dead_letter_stream
+            }
+            new = sorted(found - set(self.streams))
+            self._create_groups(new)
+        self.streams = sorted(found)
+        return new
+
+    def _create_groups(self, streams: list[bytes]) -> None:
+        if not streams:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for stream in streams:
+            pipe.xgroup_create(stream, self._group, id="0")
+        for stream, result in zip(streams, pipe.execute(raise_on_error=False)):
+            if isinstance(result, redis.ResponseError) and "BUSYGROUP" not in str(result):
+                raise result
+
+    # Reads
+
+    def read_new(self) -> Batch:
+        """Entries never delivered to anyone: windows without blocking, then one blocking read."""
+        if not self.streams:
+            return Batch()
+        windows = -(-len(self.streams) // self._batch_size)
+        if windows > 1:
+            for _ in range(windows):
+                window = self._next_window()
+                count = max(1, self._batch_size // len(window))
+                batch = self._read(window, ">", count, block=None)
+                if batch.entries:
+                    return batch
+        count = max(1, self._batch_size // len(self.streams))
+        return self._read(self.streams, ">", count, block=self._block_ms)
+
+    def read_own_pending(self) -> Batch:
+        """This consumer's pending entries (left by a crash of the same name), oldest first."""
+        batch = Batch(source="pending")
+        for start in range(0, len(self.streams), self._batch_size):
+            window = self.streams[start : start + self._batch_size]
+            part = self._read(window, "0", max(1, self._batch_size // len(window)), block=None)
+            batch.entries += part.entries
+            batch.trimmed += part.trimmed
+            if len(batch) >= self._batch_size:
+                break
+        batch.deliveries = self._delivery_counts(batch.entries)
+        return batch
+
+    def claim_abandoned(self) -> Batch:
+        """XAUTOCLAIM entries idle longer than CLAIM_IDLE_MS on any consumer (dead workers).
+
+        Redis 7 drops entries that were deleted while pending and names them: they are
+        reported as trimmed and acked away, never looped on."""
+        batch = Batch(source="claimed")
+        if not self.streams:
+            return batch
+        count = max(1, self._batch_size // len(self.streams))
+        with _translated("claim pending entries"):
+            pipe = self._redis.pipeline(transaction=False)
+            for stream in self.streams:
+                pipe.xautoclaim(stream, self._group, self._consumer, self._claim_idle_ms, "0-0", count=count)
+            replies = pipe.execute(raise_on_error=False)
+        for stream, reply in zip(self.streams, replies):
+            if isinstance(reply, Exception):
+                continue  # NOGROUP on a stream deleted meanwhile: the next refresh drops it
+            _, claimed, deleted = reply
+            batch.entries += [(stream, entry_id, fields) for entry_id, fields in claimed]
+            batch.trimmed += [(stream, entry_id) for entry_id in deleted]
+        batch.deliveries = self._delivery_counts(batch.entries)
+        return batch
+
+    def _next_window(self) -> list[bytes]:
+        if self._cursor >= len(self.streams):
+            self._cursor = 0
+        window = self.streams[self._cursor : self._cursor + self._batch_size]
+        self._cursor += len(window)
+        return window
+
+    def _read(self, streams: list[bytes], start: str, count: int, block: int | None) -> Batch:
+        with _translated("read"):
+            try:
+                reply = self._redis.xreadgroup(
+                    self._group, self._consumer, dict.fromkeys(streams, start), count=count, block=block
+                )
+            except redis.ResponseError as exc:
+                if not str(exc).startswith("NOGROUP"):
+                    raise
+                log.warning("consumer group missing; creating it again", error=str(exc))
+                self.streams = []
+                self.refresh_streams()
+                return Batch()
+        batch = Batch(source="new" if start == ">" else "pending")
+        for stream, messages in reply or ():
+            for entry_id, fields in messages:
+                if fields:
+                    batch.entries.append((stream, entry_id, fields))
+                else:  # a pending entry deleted from the stream: Redis returns it without fields
+                    batch.trimmed.append((stream, entry_id))
+        return batch
+
+    def _delivery_counts(self, entries: list[Entry]) -> dict[tuple[bytes, bytes], int]:
+        by_stream: dict[bytes, list[bytes]] = defaultdict(list)
+        for stream, entry_id, _ in entries:
+            by_stream[stream].append(entry_id)
+        if not by_stream:
+            return {}
+        with _translated("count deliveries"):
+            pipe = self._redis.pipeline(transaction=False)
+            for stream, ids in by_stream.items():
+                pipe.xpending_range(stream, self._group, min=ids[0], max=ids[-1], count=len(ids) * 2 + 10)
+            replies = pipe.execute()
+        return {
+            (stream, item["message_id"]): item["times_delivered"]
+            for stream, reply in zip(by_stream, replies)
+            for item in reply
+        }
+
+    # After the commit
+
+    def finish(self, acked: Iterable[tuple[bytes, bytes]], letters: list[dead_letters.DeadLetter]) -> None:
+        """Publish dead letters (capped stream) and XACK, in one pipelined round trip."""
+        by_stream: dict[bytes, list[bytes]] = defaultdict(list)
+        for stream, entry_id in acked:
+            by_stream[stream].append(entry_id)
+        with _translated("acknowledge"):
+            pipe = self._redis.pipeline(transaction=False)
+            for letter in letters:
+                pipe.xadd(
+                    self._dead_letter_stream,
+                    dead_letters.stream_fields(letter, self._group, self._consumer),
+                    maxlen=self._dead_letter_maxlen,
+                    approximate=True,
+                )
+            for stream, ids in by_stream.items():
+                pipe.xack(stream, self._group, *ids)
+            pipe.execute()
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._redis.ping())
+        except (redis.RedisError, OSError):
+            return False
+
+
+@contextmanager
+def _translated(doing: str) -> Iterator[None]:
+    """Turns a lost or busy Redis into TransientError, naming what was being done."""
+    try:
+        yield
+    except _TRANSIENT as exc:
+        raise TransientError(f"redis unavailable ({doing}): {exc}") from exc
