@@ -7,6 +7,7 @@ redelivered entry adds no second row.
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 import threading
@@ -19,6 +20,7 @@ import redis
 import structlog
 from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
 
+import cli
 import dead_letters
 import migrations
 import redis_reader
@@ -316,12 +318,27 @@ def _install_signal_handlers(service: DatabaseWriterService) -> None:
     signal.signal(signal.SIGINT, handle)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="main.py", description="db-writer: Redis Streams -> PostgreSQL/TimescaleDB")
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("run", help="run one worker (the default)")
+    cli.add_commands(commands)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
     except ConfigError as exc:
         print(f"db-writer: {exc}", file=sys.stderr)
         return 2
+    if args.command not in (None, "run"):
+        return cli.dispatch(args, settings)
+    return run_worker(settings)
+
+
+def run_worker(settings: Settings) -> int:
     configure_logging(settings.log_level, settings.log_format)
     service = DatabaseWriterService(settings)
     _install_signal_handlers(service)
