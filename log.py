@@ -22,3 +22,5 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
         cache_logger_on_first_use=True,
     )
+    # psycopg_pool logs each failed reconnect; the service logs the outage itself, once per retry.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)

@@ -184,7 +184,7 @@ class DatabaseWriterService:
         outlasts MAX_OUTAGE_SEC, or a stop request outlasts SHUTDOWN_TIMEOUT_SEC."""
         retrying = Retrying(
             retry=retry_if_exception_type(TransientError),
-            wait=wait_exponential_jitter(initial=0.1, max=5.0),
+            wait=wait_exponential_jitter(multiplier=0.1, max=5.0),
             stop=lambda state: self._give_up(),
             sleep=self._stop.wait,
             before_sleep=self._note_outage,

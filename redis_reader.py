@@ -55,6 +55,8 @@ class Batch:
         return len(self.entries) + len(self.trimmed)
 
     def split(self, size: int) -> Iterable[Batch]:
+        if not self:
+            return
         if len(self.entries) <= size:
             yield self
             return
@@ -177,9 +179,11 @@ class StreamReader:
                     self._group, self._consumer, dict.fromkeys(streams, start), count=count, block=block
                 )
             except redis.ResponseError as exc:
-                if not str(exc).startswith("NOGROUP"):
+                # NOGROUP: a stream was recreated, or Redis restarted empty. UNBLOCKED: a
+                # stream was deleted during the blocking read.
+                if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
                     raise
-                log.warning("consumer group missing; creating it again", error=str(exc))
+                log.warning("stream or consumer group gone; discovering again", error=str(exc))
                 self.streams = []
                 self.refresh_streams()
                 return Batch()
