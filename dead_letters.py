@@ -16,6 +16,11 @@ from typing import NamedTuple
 import schema
 
 
+KEPT_FIELDS = 200
+KEPT_BYTES = 64 * 1024
+OMITTED = "db_writer:omitted"
+
+
 class DeadLetter(NamedTuple):
     original_stream: str
     original_id: str
@@ -67,11 +72,29 @@ def stream_fields(letter: DeadLetter, group: str, consumer: str) -> dict[str, st
 
 
 def encode_fields(fields: dict) -> dict:
-    return {_json_key(k): _json_value(v) for k, v in fields.items()}
+    """JSON-safe copy of the fields. A flood of huge entries must not fill Redis or the
+    table, so at most KEPT_FIELDS fields of at most KEPT_BYTES each are kept whole;
+    longer values keep their head and say how long they were."""
+    encoded = {}
+    for position, (key, value) in enumerate(fields.items()):
+        if position == KEPT_FIELDS:
+            encoded[OMITTED] = {"omitted_fields": len(fields) - KEPT_FIELDS}
+            break
+        raw = value if isinstance(value, bytes) else str(value).encode("utf-8", "surrogatepass")
+        if len(raw) > KEPT_BYTES:
+            encoded[_json_key(key)] = {"truncated_from": len(raw), "base64": base64.b64encode(raw[:KEPT_BYTES]).decode()}
+        else:
+            encoded[_json_key(key)] = _json_value(raw)
+    return encoded
+
+
+def is_complete(encoded: dict) -> bool:
+    """False when encode_fields had to cut something: such an entry cannot be replayed as it was."""
+    return OMITTED not in encoded and not any(isinstance(v, dict) and "truncated_from" in v for v in encoded.values())
 
 
 def decode_fields(encoded: dict) -> dict[bytes, bytes]:
-    """The inverse of encode_fields, for replays."""
+    """The inverse of encode_fields, for replays (of complete records only)."""
     return {_raw(k): _raw(v) for k, v in encoded.items()}
 
 
