@@ -63,6 +63,24 @@ class DatabaseWriter:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._table = sql.Identifier(settings.table_name)
+        # One statement: move staged rows into the table (earliest entry first, so it wins
+        # a key clash), register the sensors of the rows actually inserted (in key order,
+        # so concurrent workers lock registry rows in the same order), count the inserts.
+        self._insert = sql.SQL(
+            "WITH inserted AS ("
+            " INSERT INTO {} (timestamp, device_id, sensor_type, value, metadata)"
+            " SELECT ts, device_id, sensor_type, value, metadata::jsonb FROM dbw_staging ORDER BY idx"
+            " ON CONFLICT DO NOTHING RETURNING device_id, sensor_type, timestamp"
+            "), registered AS ("
+            " INSERT INTO db_writer_sensors AS s (device_id, sensor_type, first_seen, last_seen, readings)"
+            " SELECT device_id, sensor_type, min(timestamp), max(timestamp), count(*) FROM inserted"
+            " GROUP BY 1, 2 ORDER BY 1, 2"
+            " ON CONFLICT (device_id, sensor_type) DO UPDATE SET"
+            " first_seen = least(s.first_seen, excluded.first_seen),"
+            " last_seen = greatest(s.last_seen, excluded.last_seen),"
+            " readings = s.readings + excluded.readings, last_written_at = now()"
+            ") SELECT count(*) FROM inserted"
+        ).format(self._table)
         self._pool: ConnectionPool | None = None
 
     def open(self) -> None:
@@ -169,14 +187,8 @@ class DatabaseWriter:
                 copy.set_types(_STAGING_COLUMNS)
                 for index in indexes:
                     copy.write_row((index, *rows[index]))
-            cur.execute(
-                sql.SQL(
-                    "INSERT INTO {} (timestamp, device_id, sensor_type, value, metadata)"
-                    " SELECT ts, device_id, sensor_type, value, metadata::jsonb FROM dbw_staging ORDER BY idx"
-                    " ON CONFLICT DO NOTHING"
-                ).format(self._table)
-            )
-            inserted = cur.rowcount
+            cur.execute(self._insert)
+            inserted = cur.fetchone()[0]
             if inserted == len(indexes):
                 return inserted, []
             # Some keys were stored already: a redelivery (same value) or a different reading.

@@ -28,6 +28,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 READINGS_TABLE = "sensor_readings"
 BATCHES_TABLE = "db_writer_batches"
 DEAD_LETTERS_TABLE = "db_writer_dead_letters"
+SENSORS_TABLE = "db_writer_sensors"
 NAME_LENGTH = 100
 
 TIMESTAMPTZ = TIMESTAMP(timezone=True)
@@ -114,6 +115,23 @@ class DeadLetter(Base):
         Index(None, "original_stream", "original_id"),
         Index(None, "failed_at"),
     )
+
+
+class Sensor(Base):
+    """The sensor registry: which sensors exist and when each last sent a reading, so
+    silent sensors can be found (`main.py status --sensors`). Upserted once per sensor
+    per batch, in the batch's transaction, counting only rows actually inserted."""
+
+    __tablename__ = SENSORS_TABLE
+
+    device_id: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    sensor_type: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    first_seen: Mapped[datetime] = mapped_column(TIMESTAMPTZ, nullable=False)  # earliest reading timestamp
+    last_seen: Mapped[datetime] = mapped_column(TIMESTAMPTZ, nullable=False)  # latest reading timestamp
+    last_written_at: Mapped[datetime] = mapped_column(TIMESTAMPTZ, server_default=func.now(), nullable=False)
+    readings: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+    __table_args__ = (Index(None, "last_seen"),)
 
 
 def metadata_for(table_name: str = READINGS_TABLE) -> MetaData:

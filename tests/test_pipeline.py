@@ -342,3 +342,15 @@ def test_postgres_outage_health_and_recovery(redis_client, redis_url, tmp_path):
             service.stop()
             thread.join(30)
         assert not thread.is_alive()
+
+
+def test_the_sensor_registry_counts_inserted_rows(redis_client, redis_url, migrated_database_url):
+    publish(redis_client, devices=2, sensors=("t", "h"), per_stream=10)
+    settings = settings_for(redis_url, migrated_database_url, batch_size=7)
+    DatabaseWriterService(settings).run(until_idle=True)
+    publish(redis_client, devices=2, sensors=("t", "h"), per_stream=10)  # redeliveries: not counted again
+    DatabaseWriterService(settings).run(until_idle=True)
+    with psycopg.connect(migrated_database_url) as conn:
+        registry = conn.execute(
+            "SELECT device_id, sensor_type, first_seen, last_seen, readings FROM db_writer_sensors ORDER BY 1, 2").fetchall()
+    assert registry == [(f"dev{d}", s, T0, T0 + timedelta(seconds=9), 10) for d in (0, 1) for s in ("h", "t")]
