@@ -33,7 +33,7 @@ from errors import StartupError, TransientError
 log = structlog.get_logger("db_writer")
 
 Row = tuple[datetime, str, str, float, "str | None"]
-_STAGING_COLUMNS = ["int4", "timestamptz", "text", "text", "float8", "text"]
+_STAGING_COLUMNS = ["int4", "timestamptz", "varchar", "varchar", "float8", "text"]
 _TRANSIENT = (psycopg.OperationalError, PoolTimeout, psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
 _ROW_ERRORS = (psycopg.DataError, psycopg.IntegrityError)
 
@@ -150,7 +150,8 @@ class DatabaseWriter:
         if not rows:
             return result
         conn.execute(
-            "CREATE TEMP TABLE dbw_staging (idx int4, ts timestamptz, device_id text, sensor_type text,"
+            # Key columns typed as in the table: a cast would keep the conflict check off its index.
+            "CREATE TEMP TABLE dbw_staging (idx int4, ts timestamptz, device_id varchar, sensor_type varchar,"
             " value float8, metadata text) ON COMMIT DROP"
         )
         pending = [list(range(len(rows)))]
@@ -194,9 +195,12 @@ class DatabaseWriter:
             # Some keys were stored already: a redelivery (same value) or a different reading.
             cur.execute(
                 sql.SQL(
-                    "SELECT s.idx, t.value FROM dbw_staging s JOIN {} t"
-                    " USING (device_id, sensor_type) WHERE t.timestamp = s.ts"
-                    " AND (t.value IS DISTINCT FROM s.value OR t.metadata IS DISTINCT FROM s.metadata::jsonb)"
+                    # One primary-key lookup per staged row, whatever the planner thinks of the
+                    # table's size (LIMIT keeps the subquery from being flattened into a hash join).
+                    "SELECT s.idx, t.value FROM dbw_staging s CROSS JOIN LATERAL ("
+                    " SELECT value, metadata FROM {} WHERE device_id = s.device_id"
+                    " AND sensor_type = s.sensor_type AND timestamp = s.ts LIMIT 1) t"
+                    " WHERE t.value IS DISTINCT FROM s.value OR t.metadata IS DISTINCT FROM s.metadata::jsonb"
                 ).format(self._table)
             )
             return inserted, cur.fetchall()
