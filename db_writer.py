@@ -1,16 +1,18 @@
 """Bulk writes through a psycopg connection pool: one transaction per batch.
 
-A batch is binary-COPYed into a temporary staging table (ON COMMIT DROP, so it
-works behind PgBouncer in transaction mode) and moved with INSERT ... SELECT
-... ON CONFLICT DO NOTHING: a redelivered entry is a no-op. In the same
-transaction go the dead letters' trace rows and the ledger row, so a batch is
-either entirely recorded or not at all.
+The usual batch holds only new readings, so it is binary-COPYed straight into the
+table (the fast path). If the COPY meets a key that is already stored (a
+redelivery) or a row the database refuses, that transaction is rolled back and
+the batch takes the careful path: COPY into a temporary staging table (ON COMMIT
+DROP, so it works behind PgBouncer in transaction mode), then INSERT ... SELECT
+... ON CONFLICT DO NOTHING, with the batch split under savepoints to isolate rows
+the database refuses. A key stored with another value is reported, never
+dropped silently ("first write wins").
 
-Rows the database rejects (DataError, IntegrityError) are isolated by splitting
-the batch under savepoints; they become dead letters and the rest commits.
-A reading whose key is already stored with another value is a dead letter too
-("first write wins"): it is never dropped silently.
-Connection problems become TransientError: the caller retries, nothing is acked.
+Either way the same transaction also upserts the sensor registry, records the
+dead letters' trace rows and the ledger row: a batch is recorded entirely or not
+at all. Connection problems become TransientError: the caller retries, and
+nothing is acked.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import psycopg
 import structlog
-from psycopg import sql
+from psycopg import postgres, sql
+from psycopg.adapt import Dumper
+from psycopg.pq import Format
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -33,6 +37,7 @@ from errors import StartupError, TransientError
 log = structlog.get_logger("db_writer")
 
 Row = tuple[datetime, str, str, float, "str | None"]
+_ROW_COLUMNS = ["timestamptz", "varchar", "varchar", "float8", "jsonb"]
 _STAGING_COLUMNS = ["int4", "timestamptz", "varchar", "varchar", "float8", "text"]
 _TRANSIENT = (psycopg.OperationalError, PoolTimeout, psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
 _ROW_ERRORS = (psycopg.DataError, psycopg.IntegrityError)
@@ -63,23 +68,22 @@ class DatabaseWriter:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._table = sql.Identifier(settings.table_name)
-        # One statement: move staged rows into the table (earliest entry first, so it wins
-        # a key clash), register the sensors of the rows actually inserted (in key order,
-        # so concurrent workers lock registry rows in the same order), count the inserts.
-        self._insert = sql.SQL(
-            "WITH inserted AS ("
-            " INSERT INTO {} (timestamp, device_id, sensor_type, value, metadata)"
+        self._copy_rows = sql.SQL(
+            "COPY {} (timestamp, device_id, sensor_type, value, metadata) FROM STDIN (FORMAT BINARY)"
+        ).format(self._table)
+        # Earliest entry first, so it wins a key clash inside the batch.
+        self._insert_staged = sql.SQL(
+            "INSERT INTO {} (timestamp, device_id, sensor_type, value, metadata)"
             " SELECT ts, device_id, sensor_type, value, metadata::jsonb FROM dbw_staging ORDER BY idx"
             " ON CONFLICT DO NOTHING RETURNING device_id, sensor_type, timestamp"
-            "), registered AS ("
-            " INSERT INTO db_writer_sensors AS s (device_id, sensor_type, first_seen, last_seen, readings)"
-            " SELECT device_id, sensor_type, min(timestamp), max(timestamp), count(*) FROM inserted"
-            " GROUP BY 1, 2 ORDER BY 1, 2"
-            " ON CONFLICT (device_id, sensor_type) DO UPDATE SET"
-            " first_seen = least(s.first_seen, excluded.first_seen),"
-            " last_seen = greatest(s.last_seen, excluded.last_seen),"
-            " readings = s.readings + excluded.readings, last_written_at = now()"
-            ") SELECT count(*) FROM inserted"
+        ).format(self._table)
+        # One primary-key lookup per staged row, whatever the planner thinks of the table's
+        # size (LIMIT keeps the subquery from being flattened into a hash join).
+        self._find_conflicts = sql.SQL(
+            "SELECT s.idx, t.value FROM dbw_staging s CROSS JOIN LATERAL ("
+            " SELECT value, metadata FROM {} WHERE device_id = s.device_id"
+            " AND sensor_type = s.sensor_type AND timestamp = s.ts LIMIT 1) t"
+            " WHERE t.value IS DISTINCT FROM s.value OR t.metadata IS DISTINCT FROM s.metadata::jsonb"
         ).format(self._table)
         self._pool: ConnectionPool | None = None
 
@@ -91,7 +95,6 @@ class DatabaseWriter:
             max_size=self._settings.db_pool_max_size,
             kwargs={"prepare_threshold": None, "connect_timeout": max(1, int(self._settings.db_connect_timeout_s))},
             timeout=self._settings.db_connect_timeout_s,
-            check=ConnectionPool.check_connection,
             open=False,
             name="db-writer",
         )
@@ -131,24 +134,52 @@ class DatabaseWriter:
         ledger: Ledger,
         on_reject: Callable[[int, str], dead_letters.DeadLetter],
     ) -> WriteResult:
-        """Write rows, trace rows and the ledger row in one transaction.
+        """Write rows, registry, trace rows and the ledger row in one transaction.
 
         `on_reject(index, reason)` makes the dead letter of a row the database refused
         or that conflicts with a stored reading; it is recorded in the same transaction
         and returned in `result.letters`."""
-        with _translated("write a batch"), self._pool.connection() as conn, conn.transaction():
-            result = self._insert_rows(conn, rows)
-            result.letters = [on_reject(index, result.reasons[index]) for index in result.rejected]
-            self._insert_dead_letters(conn, letters + result.letters, ledger)
-            self._insert_ledger(conn, ledger, len(rows) + len(letters), result.inserted)
-        return result
+        with _translated("write a batch"), self._pool.connection() as conn:
+            if rows:
+                try:
+                    with conn.transaction():
+                        self._copy_into_table(conn, rows)
+                        result = WriteResult(inserted=len(rows))
+                        keys = ((device, sensor, ts) for ts, device, sensor, _, _ in rows)
+                        self._record(conn, keys, letters, ledger, result, len(rows) + len(letters))
+                    return result
+                except _ROW_ERRORS:
+                    pass  # rolled back: take the careful path
+            with conn.transaction():
+                result, inserted_keys = self._insert_carefully(conn, rows)
+                result.letters = [on_reject(index, result.reasons[index]) for index in result.rejected]
+                self._record(conn, inserted_keys, letters + result.letters, ledger, result, len(rows) + len(letters))
+            return result
+
+    def _record(self, conn: psycopg.Connection, keys: Iterable, letters: list, ledger: Ledger, result: WriteResult,
+                entries: int) -> None:
+        """Registry, dead letters and ledger, pipelined into one round trip."""
+        with conn.pipeline(), conn.cursor() as cur:
+            self._register_sensors(cur, keys)
+            if letters:
+                self._insert_dead_letters(cur, letters, ledger)
+            self._insert_ledger(cur, ledger, entries, result.inserted)
 
     # Rows
 
-    def _insert_rows(self, conn: psycopg.Connection, rows: list[Row]) -> WriteResult:
-        result = WriteResult()
+    def _copy_into_table(self, conn: psycopg.Connection, rows: list[Row]) -> None:
+        with conn.cursor() as cur:
+            cur.adapters.register_dumper(_JsonText, _JsonTextDumper)  # metadata is JSON text already
+            with cur.copy(self._copy_rows) as copy:
+                copy.set_types(_ROW_COLUMNS)
+                for row in rows:
+                    copy.write_row(row)
+
+    def _insert_carefully(self, conn: psycopg.Connection, rows: list[Row]) -> tuple[WriteResult, list]:
+        """Staging table, ON CONFLICT DO NOTHING, and savepoints to isolate refused rows."""
+        result, inserted_keys = WriteResult(), []
         if not rows:
-            return result
+            return result, inserted_keys
         conn.execute(
             # Key columns typed as in the table: a cast would keep the conflict check off its index.
             "CREATE TEMP TABLE dbw_staging (idx int4, ts timestamptz, device_id varchar, sensor_type varchar,"
@@ -159,10 +190,10 @@ class DatabaseWriter:
         while pending:
             indexes = pending.pop()
             try:
-                with conn.transaction():  # a savepoint: a rejected part is undone alone
+                with conn.transaction():  # a savepoint: a refused part is undone alone
                     if staged:
                         conn.execute("DELETE FROM dbw_staging")
-                    inserted, conflicts = self._copy_and_insert(conn, rows, indexes)
+                    keys, conflicts = self._stage_and_insert(conn, rows, indexes)
             except _ROW_ERRORS as exc:
                 if len(indexes) == 1:
                     result.rejected.append(indexes[0])
@@ -172,67 +203,96 @@ class DatabaseWriter:
                     pending += [indexes[half:], indexes[:half]]
                 continue
             staged = True
-            result.inserted += inserted
+            inserted_keys += keys
             for index, stored in conflicts:
                 result.rejected.append(index)
                 result.reasons[index] = (
                     f"a reading for this device, sensor and timestamp is already stored with value {stored!r}"
                 )
-            result.duplicates += len(indexes) - inserted - len(conflicts)
+            result.duplicates += len(indexes) - len(keys) - len(conflicts)
+        result.inserted = len(inserted_keys)
         result.rejected.sort()
-        return result
+        return result, inserted_keys
 
-    def _copy_and_insert(self, conn: psycopg.Connection, rows: list[Row], indexes: list[int]) -> tuple[int, list]:
+    def _stage_and_insert(self, conn: psycopg.Connection, rows: list[Row], indexes: list[int]) -> tuple[list, list]:
         with conn.cursor() as cur:
             with cur.copy("COPY dbw_staging FROM STDIN (FORMAT BINARY)") as copy:
                 copy.set_types(_STAGING_COLUMNS)
                 for index in indexes:
                     copy.write_row((index, *rows[index]))
-            cur.execute(self._insert)
-            inserted = cur.fetchone()[0]
-            if inserted == len(indexes):
-                return inserted, []
+            keys = cur.execute(self._insert_staged).fetchall()
+            if len(keys) == len(indexes):
+                return keys, []
             # Some keys were stored already: a redelivery (same value) or a different reading.
-            cur.execute(
-                sql.SQL(
-                    # One primary-key lookup per staged row, whatever the planner thinks of the
-                    # table's size (LIMIT keeps the subquery from being flattened into a hash join).
-                    "SELECT s.idx, t.value FROM dbw_staging s CROSS JOIN LATERAL ("
-                    " SELECT value, metadata FROM {} WHERE device_id = s.device_id"
-                    " AND sensor_type = s.sensor_type AND timestamp = s.ts LIMIT 1) t"
-                    " WHERE t.value IS DISTINCT FROM s.value OR t.metadata IS DISTINCT FROM s.metadata::jsonb"
-                ).format(self._table)
-            )
-            return inserted, cur.fetchall()
+            return keys, cur.execute(self._find_conflicts).fetchall()
 
-    # Trace rows and ledger
+    # Registry, trace rows and ledger
 
-    def _insert_dead_letters(self, conn: psycopg.Connection, letters: list, ledger: Ledger) -> None:
-        if not letters:
+    def _register_sensors(self, cur: psycopg.Cursor, keys: Iterable[tuple[str, str, datetime]]) -> None:
+        """One upsert per sensor of the batch, counting only rows actually inserted; in key
+        order, so concurrent workers lock registry rows in the same order."""
+        seen: dict[tuple[str, str], list] = {}
+        for device, sensor, ts in keys:
+            span = seen.get((device, sensor))
+            if span is None:
+                seen[(device, sensor)] = [ts, ts, 1]
+            else:
+                if ts < span[0]:
+                    span[0] = ts
+                elif ts > span[1]:
+                    span[1] = ts
+                span[2] += 1
+        if not seen:
             return
-        with conn.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO db_writer_dead_letters (failed_at, original_stream, original_id, device_id,"
-                " sensor_type, value, step, error, consumer_group, consumer, delivery_count, fields)"
-                " VALUES (to_timestamp(%s), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                [
-                    (
-                        letter.failed_at, letter.original_stream, letter.original_id,
-                        letter.device_id, letter.sensor_type, letter.value, letter.step,
-                        letter.error.replace("\x00", "\\x00"), ledger.consumer_group,
-                        ledger.consumer, letter.delivery_count, Jsonb(letter.fields),
-                    )
-                    for letter in letters
-                ],
-            )
+        ordered = sorted(seen.items())
+        cur.execute(
+            "INSERT INTO db_writer_sensors AS s (device_id, sensor_type, first_seen, last_seen, readings)"
+            " SELECT * FROM unnest(%b::varchar[], %b::varchar[], %b::timestamptz[], %b::timestamptz[], %b::int8[])"
+            " ON CONFLICT (device_id, sensor_type) DO UPDATE SET"
+            " first_seen = least(s.first_seen, excluded.first_seen),"
+            " last_seen = greatest(s.last_seen, excluded.last_seen),"
+            " readings = s.readings + excluded.readings, last_written_at = now()",
+            [[k[0] for k, _ in ordered], [k[1] for k, _ in ordered],
+             [v[0] for _, v in ordered], [v[1] for _, v in ordered], [v[2] for _, v in ordered]],
+        )
 
-    def _insert_ledger(self, conn: psycopg.Connection, ledger: Ledger, entries: int, inserted: int) -> None:
-        conn.execute(
+    def _insert_dead_letters(self, cur: psycopg.Cursor, letters: list, ledger: Ledger) -> None:
+        cur.executemany(
+            "INSERT INTO db_writer_dead_letters (failed_at, original_stream, original_id, device_id,"
+            " sensor_type, value, step, error, consumer_group, consumer, delivery_count, fields)"
+            " VALUES (to_timestamp(%s), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            [
+                (
+                    letter.failed_at, letter.original_stream, letter.original_id,
+                    letter.device_id, letter.sensor_type, letter.value, letter.step,
+                    letter.error.replace("\x00", "\\x00"), ledger.consumer_group,
+                    ledger.consumer, letter.delivery_count, Jsonb(letter.fields),
+                )
+                for letter in letters
+            ],
+        )
+
+    def _insert_ledger(self, cur: psycopg.Cursor, ledger: Ledger, entries: int, inserted: int) -> None:
+        cur.execute(
             "INSERT INTO db_writer_batches (consumer_group, consumer, entries, rows_inserted,"
-            " streams, first_ids, last_ids, counts) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            " streams, first_ids, last_ids, counts) VALUES (%s, %s, %s, %s, %b, %b, %b, %b)",  # binary arrays: no escaping
             [ledger.consumer_group, ledger.consumer, entries, inserted,
              ledger.streams, ledger.first_ids, ledger.last_ids, ledger.counts],
         )
+
+
+class _JsonText(str):
+    """Marks nothing at run time: only registers _JsonTextDumper for the jsonb OID."""
+
+
+class _JsonTextDumper(Dumper):
+    """Binary jsonb from JSON text that schema.py already validated: no re-serialising."""
+
+    format = Format.BINARY
+    oid = postgres.types["jsonb"].oid
+
+    def dump(self, obj: str) -> bytes:
+        return b"\x01" + obj.encode()
 
 
 @contextmanager

@@ -354,3 +354,14 @@ def test_the_sensor_registry_counts_inserted_rows(redis_client, redis_url, migra
         registry = conn.execute(
             "SELECT device_id, sensor_type, first_seen, last_seen, readings FROM db_writer_sensors ORDER BY 1, 2").fetchall()
     assert registry == [(f"dev{d}", s, T0, T0 + timedelta(seconds=9), 10) for d in (0, 1) for s in ("h", "t")]
+
+
+def test_metadata_and_extra_fields_land_as_jsonb(redis_client, redis_url, migrated_database_url):
+    redis_client.xadd("mqtt_stream:esp32:temperature", {
+        "value": "23.5", "timestamp": "2023-10-18T14:30:00Z", "metadata": '{"unit": "C", "n": [1, 2.5, null]}'})
+    redis_client.xadd("mqtt_stream:esp32:humidity", {"value": "40", "timestamp": "2023-10-18T14:30:00Z", "rssi": "-70"})
+    redis_client.xadd("mqtt_stream:esp32:pressure", {"value": "1013", "timestamp": "2023-10-18T14:30:00Z"})
+    DatabaseWriterService(settings_for(redis_url, migrated_database_url)).run(until_idle=True)
+    with psycopg.connect(migrated_database_url) as conn:
+        stored = dict(conn.execute("SELECT sensor_type, metadata FROM sensor_readings").fetchall())
+    assert stored == {"temperature": {"unit": "C", "n": [1, 2.5, None]}, "humidity": {"rssi": "-70"}, "pressure": None}
