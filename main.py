@@ -30,6 +30,7 @@ from consumer_lock import ConsumerLock
 from db_writer import DatabaseWriter, Ledger
 from errors import ConfigError, StartupError, TransientError
 from log import configure_logging
+from read_ahead import ReadAhead
 
 log = structlog.get_logger("db_writer")
 T = TypeVar("T")
@@ -56,6 +57,7 @@ class DatabaseWriterService:
         self.running = False
         self.stop_reason: str | None = None
         self._stop = threading.Event()
+        self._abort = threading.Event()  # second signal: stop retrying at once
         self._stop_deadline: float | None = None
         self._outage_since: float | None = None
         self._next_tick = 0.0
@@ -71,18 +73,14 @@ class DatabaseWriterService:
         """Process batches until stopped (or, with until_idle, until a read comes back empty)."""
         self._start()
         try:
-            while not self._stop.is_set():
-                if self._lock.lost.is_set():
-                    self.stop("another process took this CONSUMER_NAME")
-                    break
-                batch = self._retry(self._next_batch)
-                for part in batch.split(self.settings.batch_size):
-                    self._process(part)
-                if not batch:
-                    if until_idle:
+            with ReadAhead(self._read_batch, self._stop) as batches:
+                for batch in batches:
+                    for part in batch.split(self.settings.batch_size):
+                        self._process(part)
+                    if self._lock.lost.is_set():
+                        self.stop("another process took this CONSUMER_NAME")
+                    elif not batch and until_idle:
                         self.stop("idle")
-                    else:
-                        self._stop.wait(self.settings.processing_interval_sec)
         except TransientError as exc:
             if self._stop.is_set():
                 log.warning("stopped before the batch in flight was written; it stays pending", error=str(exc))
@@ -91,6 +89,13 @@ class DatabaseWriterService:
                 raise
         finally:
             self._teardown()
+
+    def _read_batch(self) -> redis_reader.Batch:
+        """Runs in the read-ahead thread. PROCESSING_INTERVAL_SEC only ever follows an empty read."""
+        batch = self._retry(self._next_batch)
+        if not batch:
+            self._stop.wait(self.settings.processing_interval_sec)
+        return batch
 
     def _next_batch(self) -> redis_reader.Batch:
         """Where the next batch comes from: entries of dead consumers (checked every
@@ -186,7 +191,7 @@ class DatabaseWriterService:
             retry=retry_if_exception_type(TransientError),
             wait=wait_exponential_jitter(multiplier=0.1, max=5.0),
             stop=lambda state: self._give_up(),
-            sleep=self._stop.wait,
+            sleep=self._abort.wait,  # not the stop event: a stop must not turn backoff into a busy loop
             before_sleep=self._note_outage,
             reraise=True,
         )
@@ -204,7 +209,7 @@ class DatabaseWriterService:
 
     def _give_up(self) -> bool:
         now = time.monotonic()
-        if self._stop_deadline is not None and now > self._stop_deadline:
+        if self._abort.is_set() or (self._stop.is_set() and now > (self._stop_deadline or 0)):
             return True
         limit = self.settings.max_outage_sec
         return bool(limit) and self._outage_since is not None and now - self._outage_since > limit
@@ -310,6 +315,7 @@ def _install_signal_handlers(service: DatabaseWriterService) -> None:
 
     def handle(signum: int, _frame) -> None:
         if service._stop.is_set():
+            service._abort.set()
             raise SystemExit(1)
         log.info("stopping: finishing the batch in flight", signal=signal.Signals(signum).name)
         service.stop(signal.Signals(signum).name)

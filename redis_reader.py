@@ -31,6 +31,11 @@ Entry = tuple[bytes, bytes, dict]  # (stream, entry id, fields)
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 
+def _id_key(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
 def connect(settings: Settings) -> redis.Redis:
     """A client whose socket timeout outlasts the blocking read (redis-py 8 defaults to 5 s)."""
     return redis.Redis.from_url(
@@ -84,6 +89,7 @@ class StreamReader:
         self._claim_idle_ms = settings.claim_idle_ms
         self.streams: list[bytes] = []
         self._cursor = 0
+        self._pending_after: dict[bytes, bytes] = {}
 
     # Streams and groups
 
@@ -123,18 +129,26 @@ class StreamReader:
             for _ in range(windows):
                 window = self._next_window()
                 count = max(1, self._batch_size // len(window))
-                batch = self._read(window, ">", count, block=None)
+                batch = self._read(dict.fromkeys(window, ">"), count, block=None)
                 if batch.entries:
                     return batch
         count = max(1, self._batch_size // len(self.streams))
-        return self._read(self.streams, ">", count, block=self._block_ms)
+        return self._read(dict.fromkeys(self.streams, ">"), count, block=self._block_ms)
 
     def read_own_pending(self) -> Batch:
-        """This consumer's pending entries (left by a crash of the same name), oldest first."""
+        """This consumer's pending entries (left by a crash of the same name), oldest first.
+
+        Each stream is read after the last pending id already returned, so an entry read
+        ahead while the previous batch is still being written is not delivered twice."""
         batch = Batch(source="pending")
         for start in range(0, len(self.streams), self._batch_size):
             window = self.streams[start : start + self._batch_size]
-            part = self._read(window, "0", max(1, self._batch_size // len(window)), block=None)
+            starts = {stream: self._pending_after.get(stream, b"0") for stream in window}
+            part = self._read(starts, max(1, self._batch_size // len(window)), block=None)
+            for stream, entry_id, _ in part.entries:
+                self._pending_after[stream] = entry_id
+            for stream, entry_id in part.trimmed:
+                self._pending_after[stream] = max(self._pending_after.get(stream, b"0"), entry_id, key=_id_key)
             batch.entries += part.entries
             batch.trimmed += part.trimmed
             if len(batch) >= self._batch_size:
@@ -172,12 +186,11 @@ class StreamReader:
         self._cursor += len(window)
         return window
 
-    def _read(self, streams: list[bytes], start: str, count: int, block: int | None) -> Batch:
+    def _read(self, starts: dict, count: int, block: int | None) -> Batch:
+        """XREADGROUP from each stream after its start id ('>' for new entries)."""
         with _translated("read"):
             try:
-                reply = self._redis.xreadgroup(
-                    self._group, self._consumer, dict.fromkeys(streams, start), count=count, block=block
-                )
+                reply = self._redis.xreadgroup(self._group, self._consumer, starts, count=count, block=block)
             except redis.ResponseError as exc:
                 # NOGROUP: a stream was recreated, or Redis restarted empty. UNBLOCKED: a
                 # stream was deleted during the blocking read.
@@ -187,7 +200,7 @@ class StreamReader:
                 self.streams = []
                 self.refresh_streams()
                 return Batch()
-        batch = Batch(source="new" if start == ">" else "pending")
+        batch = Batch()
         for stream, messages in reply or ():
             for entry_id, fields in messages:
                 if fields:
