@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     table_name: str = "sensor_readings"
     enable_timescale: bool = False
     timescale_chunk_interval: str = "1 day"
+    timescale_compress_after: str | None = None
+    timescale_retention: str | None = None
 
     # Running
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
@@ -92,10 +94,12 @@ class Settings(BaseSettings):
             raise ValueError("must be a plain SQL identifier (letters, digits, _; at most 63 characters)")
         return value
 
-    @field_validator("timescale_chunk_interval")
+    @field_validator("timescale_chunk_interval", "timescale_compress_after", "timescale_retention")
     @classmethod
-    def _interval(cls, value: str) -> str:
-        if not re.fullmatch(r"\d+\s*(second|minute|hour|day|week|month)s?", value.strip()):
+    def _interval(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not re.fullmatch(r"\d+\s*(second|minute|hour|day|week|month|year)s?", value.strip()):
             raise ValueError("must look like '1 day', '6 hours' or '2 weeks'")
         return value.strip()
 
