@@ -39,8 +39,12 @@ log = structlog.get_logger("db_writer")
 Row = tuple[datetime, str, str, float, "str | None"]
 _ROW_COLUMNS = ["timestamptz", "varchar", "varchar", "float8", "jsonb"]
 _STAGING_COLUMNS = ["int4", "timestamptz", "varchar", "varchar", "float8", "text"]
-_TRANSIENT = (psycopg.OperationalError, PoolTimeout, psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
-_ROW_ERRORS = (psycopg.DataError, psycopg.IntegrityError)
+# Refused because of the rows themselves: isolate them. ProgramLimitExceeded (54xxx, e.g. an
+# index row too large) is an OperationalError in psycopg's tree, but retrying never helps.
+_ROW_ERRORS = (psycopg.DataError, psycopg.IntegrityError, psycopg.errors.ProgramLimitExceeded)
+# SQLSTATE classes that pass with time: connection, transaction rollback (serialization,
+# deadlock), insufficient resources, operator intervention (shutdown), system errors.
+_TRANSIENT_CLASSES = ("08", "40", "53", "57", "58")
 
 
 @dataclass
@@ -265,7 +269,7 @@ class DatabaseWriter:
                 (
                     letter.failed_at, letter.original_stream, letter.original_id,
                     letter.device_id, letter.sensor_type, letter.value, letter.step,
-                    letter.error.replace("\x00", "\\x00"), ledger.consumer_group,
+                    letter.error, ledger.consumer_group,
                     ledger.consumer, letter.delivery_count, Jsonb(letter.fields),
                 )
                 for letter in letters
@@ -300,6 +304,17 @@ def _translated(doing: str) -> Iterator[None]:
     """Turns a lost or busy database into TransientError, naming what was being done."""
     try:
         yield
-    except _TRANSIENT as exc:
+    except (psycopg.Error, PoolTimeout) as exc:
+        if not _is_transient(exc):
+            raise
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise TransientError(f"database unavailable ({doing}): {first_line}") from exc
+
+
+def _is_transient(exc: Exception) -> bool:
+    if isinstance(exc, PoolTimeout):
+        return True
+    state = getattr(exc, "sqlstate", None)
+    if state is None:  # no server answer at all: the connection failed or was lost
+        return isinstance(exc, psycopg.OperationalError)
+    return state.startswith(_TRANSIENT_CLASSES)

@@ -40,13 +40,13 @@ def make(stream: bytes, entry_id: bytes, fields: dict, step: str, error: str, de
     except schema.InvalidEntry:
         device_id = sensor_type = ""
     return DeadLetter(
-        original_stream=_text(stream),
-        original_id=_text(entry_id),
+        original_stream=_text(stream, 1000),
+        original_id=_text(entry_id, 100),
         device_id=device_id,
         sensor_type=sensor_type,
-        value=_text(fields.get(b"value", fields.get("value", b"")))[:1000],
+        value=_text(fields.get(b"value", fields.get("value", b"")), 1000),
         step=step,
-        error=error,
+        error=_text(error, 2000),
         delivery_count=delivery_count,
         fields=encode_fields(fields),
         failed_at=time.time(),
@@ -124,6 +124,11 @@ def _raw(value: str | dict) -> bytes:
     return value.encode("utf-8")
 
 
-def _text(raw: bytes | str) -> str:
+def _text(raw: bytes | str, max_bytes: int) -> str:
+    """Printable text of at most max_bytes UTF-8 bytes: the trace table indexes some of these
+    columns, and a btree entry is limited to about 2.7 kB."""
     text = raw if isinstance(raw, str) else raw.decode("utf-8", "backslashreplace")
-    return text.replace("\x00", "\\x00")
+    text = text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace")
+    if len(text) <= max_bytes:
+        return text.decode()
+    return text[: max_bytes - 20].decode("utf-8", "ignore") + f"…[{len(text)} bytes]"

@@ -38,3 +38,23 @@ def test_huge_entries_are_cut_and_marked():
 def test_unparseable_stream_names_still_make_a_record():
     letter = dead_letters.make(b"\xff\xfe", b"1-0", {b"value": b"1"}, "parse", "bad stream", 1)
     assert letter.device_id == "" and letter.original_stream == "\\xff\\xfe"
+
+
+def test_long_names_are_capped_by_bytes_for_the_indexed_columns():
+    letter = dead_letters.make(b"mqtt_stream:" + b"\xff" * 5000, b"1-0", {b"value": "é".encode() * 5000}, "parse", "x" * 10_000, 1)
+    assert len(letter.original_stream.encode()) <= 1000 and letter.original_stream.endswith("bytes]")
+    assert len(letter.value.encode()) <= 1000 and len(letter.error.encode()) <= 2000
+
+
+def test_errors_are_classified_by_sqlstate():
+    import psycopg
+    from psycopg_pool import PoolTimeout
+
+    from db_writer import _is_transient
+
+    assert _is_transient(psycopg.OperationalError("connection lost"))  # no SQLSTATE: the link failed
+    assert _is_transient(PoolTimeout("no connection"))
+    assert _is_transient(psycopg.errors.AdminShutdown()) and _is_transient(psycopg.errors.SerializationFailure())
+    assert _is_transient(psycopg.errors.DeadlockDetected()) and _is_transient(psycopg.errors.TooManyConnections())
+    assert not _is_transient(psycopg.errors.ProgramLimitExceeded())  # an OperationalError, but about the row
+    assert not _is_transient(psycopg.errors.UniqueViolation()) and not _is_transient(psycopg.errors.UndefinedTable())

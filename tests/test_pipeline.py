@@ -365,3 +365,15 @@ def test_metadata_and_extra_fields_land_as_jsonb(redis_client, redis_url, migrat
     with psycopg.connect(migrated_database_url) as conn:
         stored = dict(conn.execute("SELECT sensor_type, metadata FROM sensor_readings").fetchall())
     assert stored == {"temperature": {"unit": "C", "n": [1, 2.5, None]}, "humidity": {"rssi": "-70"}, "pressure": None}
+
+
+def test_an_enormous_stream_name_is_dead_lettered_and_blocks_nothing(redis_client, redis_url, migrated_database_url):
+    """Found by the reliability suite: its trace row once overflowed a btree entry, and the
+    batch was retried forever as if the database were down."""
+    expected = publish(redis_client, devices=1, sensors=("t",), per_stream=3)
+    redis_client.xadd(b"mqtt_stream:" + b"d" * 1_000_000, {"value": "1"})
+    service = DatabaseWriterService(settings_for(redis_url, migrated_database_url, max_outage_sec=5))
+    service.run(until_idle=True)
+    assert rows(migrated_database_url) == expected
+    assert service.stats.messages_failed == 1 and service.stats.errors == 0
+    assert pending(redis_client) == 0
