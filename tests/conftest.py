@@ -6,6 +6,7 @@ Which servers (env, local or embedded) is decided once per session: see servers.
 from __future__ import annotations
 
 import secrets
+from pathlib import Path
 import time
 from collections.abc import Iterator
 
@@ -87,3 +88,21 @@ def migrated_database_url(pg_admin_url: str, migrated_template: str) -> Iterator
     """URL of a new database at the Alembic head, dropped after the test."""
     with servers.temp_database(pg_admin_url, template=migrated_template) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def tsdb_url() -> Iterator[str]:
+    """A real TimescaleDB (2.23, PGlite/WASM) from ../shared/tools/timescale, in shared mode.
+
+    Its jobs never run by themselves (CALL run_job), and it has one backend: see its README."""
+    import shutil
+    import sys
+
+    tools = Path(__file__).resolve().parents[2] / "shared" / "tools" / "timescale"
+    if not (tools / "tsdb_fixture.py").exists() or not shutil.which("node") or not shutil.which("npm"):
+        pytest.skip("needs node, npm and ../shared/tools/timescale (the TimescaleDB test server)")
+    sys.path.insert(0, str(tools))
+    from tsdb_fixture import timescale_server
+
+    with timescale_server(mode="shared") as srv:
+        yield srv.sqlalchemy_url.replace("postgresql+psycopg://", "postgresql://")

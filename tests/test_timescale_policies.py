@@ -3,32 +3,16 @@ server: its job scheduler never runs, so the policies are run with CALL run_job)
 
 from __future__ import annotations
 
-import shutil
-import sys
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import psycopg
 import pytest
+from alembic import command
 
 import config
 import migrations
 
-TOOLS = Path(__file__).resolve().parents[2] / "shared" / "tools" / "timescale"
-pytestmark = [
-    pytest.mark.timescale,
-    pytest.mark.skipif(not (TOOLS / "tsdb_fixture.py").exists() or not shutil.which("node") or not shutil.which("npm"),
-                       reason="needs node, npm and ../shared/tools/timescale (the TimescaleDB test server)"),
-]
-
-
-@pytest.fixture(scope="module")
-def tsdb_url():
-    sys.path.insert(0, str(TOOLS))
-    from tsdb_fixture import timescale_server
-
-    with timescale_server(mode="shared") as srv:
-        yield srv.sqlalchemy_url.replace("postgresql+psycopg://", "postgresql://")
+pytestmark = pytest.mark.timescale
 
 
 def test_policies_follow_the_settings(tsdb_url):
@@ -63,3 +47,4 @@ def test_policies_follow_the_settings(tsdb_url):
         assert conn.execute("SELECT count(*) FROM timescaledb_information.jobs"
                             " WHERE hypertable_name = 'sensor_readings'").fetchone()[0] == 0
     assert "up to date" in migrations.check(settings)
+    command.downgrade(migrations.alembic_config(settings), "base")  # the server is shared by the session
