@@ -33,10 +33,20 @@ return 0
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
+def lock_key(group: str, consumer: str) -> str:
+    return f"db_writer:lock:{group}:{consumer}"
+
+
+def holder(client: redis.Redis, group: str, consumer: str) -> str | None:
+    """`host|pid|token` of the live worker holding this name, or None."""
+    value = client.get(lock_key(group, consumer))
+    return value.decode(errors="replace") if value else None
+
+
 class ConsumerLock:
     def __init__(self, client: redis.Redis, group: str, consumer: str, ttl_s: float) -> None:
         self._redis = client
-        self.key = f"db_writer:lock:{group}:{consumer}"
+        self.key = lock_key(group, consumer)
         self._consumer = consumer
         self._ttl_ms = int(ttl_s * 1000)
         self._token = f"{socket.gethostname()}|{os.getpid()}|{uuid.uuid4().hex}"

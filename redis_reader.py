@@ -13,6 +13,7 @@ created again.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ Entry = tuple[bytes, bytes, dict]  # (stream, entry id, fields)
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 
-def _id_key(entry_id: bytes) -> tuple[int, int]:
+def id_key(entry_id: bytes) -> tuple[int, int]:
     ms, _, seq = entry_id.partition(b"-")
     return int(ms), int(seq or 0)
 
@@ -45,6 +46,52 @@ def connect(settings: Settings) -> redis.Redis:
         health_check_interval=30,
         decode_responses=False,
     )
+
+
+def discover(client: redis.Redis, pattern: str, dead_letter_stream: bytes) -> list[bytes]:
+    """Streams matching the pattern (SCAN, never KEYS), without the dead-letter stream."""
+    keys = client.scan_iter(match=pattern, count=1000, _type="STREAM")
+    return sorted(key for key in keys if key != dead_letter_stream)
+
+
+@dataclass
+class StreamStatus:
+    stream: str
+    length: int
+    lag: int | None  # entries not yet delivered to the group (None: Redis cannot tell)
+    pending: dict[str, int]  # per consumer
+    oldest_pending_age_s: float | None  # since the oldest pending entry was added
+
+
+def group_status(client: redis.Redis, streams: list[bytes], group: str) -> list[StreamStatus]:
+    """Length, lag and pending entries of each stream, in three pipelined round trips."""
+    def pipelined(call) -> list:
+        pipe = client.pipeline(transaction=False)
+        for stream in streams:
+            call(pipe, stream)
+        return pipe.execute(raise_on_error=False)
+
+    lengths = pipelined(lambda pipe, stream: pipe.xlen(stream))
+    groups = pipelined(lambda pipe, stream: pipe.xinfo_groups(stream))
+    summaries = pipelined(lambda pipe, stream: pipe.xpending(stream, group))
+    now_ms = time.time() * 1000
+    result = []
+    for stream, length, infos, summary in zip(streams, lengths, groups, summaries):
+        info = next((g for g in infos if as_text(g.get("name")) == group), None) if isinstance(infos, list) else None
+        if info is None or isinstance(summary, Exception):
+            result.append(StreamStatus(as_text(stream), length, length, {}, None))  # no group yet: all of it waits
+            continue
+        oldest = summary.get("min")
+        result.append(StreamStatus(
+            as_text(stream), length, info.get("lag"),
+            {as_text(c["name"]): int(c["pending"]) for c in summary.get("consumers") or []},
+            round((now_ms - id_key(oldest)[0]) / 1000, 3) if oldest else None,
+        ))
+    return result
+
+
+def as_text(value: bytes | str | None) -> str:
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
 
 
 @dataclass
@@ -98,11 +145,7 @@ class StreamReader:
 
         A new group starts at id 0, so entries queued before the first start are read."""
         with _translated("discover streams"):
-            found = {
-                key
-                for key in self._redis.scan_iter(match=self._pattern, count=1000, _type="STREAM")
-                if key != self._dead_letter_stream
-            }
+            found = set(discover(self._redis, self._pattern, self._dead_letter_stream))
             new = sorted(found - set(self.streams))
             self._create_groups(new)
         self.streams = sorted(found)
@@ -148,7 +191,7 @@ class StreamReader:
             for stream, entry_id, _ in part.entries:
                 self._pending_after[stream] = entry_id
             for stream, entry_id in part.trimmed:
-                self._pending_after[stream] = max(self._pending_after.get(stream, b"0"), entry_id, key=_id_key)
+                self._pending_after[stream] = max(self._pending_after.get(stream, b"0"), entry_id, key=id_key)
             batch.entries += part.entries
             batch.trimmed += part.trimmed
             if len(batch) >= self._batch_size:
