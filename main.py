@@ -30,6 +30,8 @@ from consumer_lock import ConsumerLock
 from db_writer import DatabaseWriter, Ledger
 from errors import ConfigError, StartupError, TransientError
 from log import configure_logging
+from metrics import Metrics
+from metrics import serve as serve_metrics
 from read_ahead import ReadAhead
 
 log = structlog.get_logger("db_writer")
@@ -51,8 +53,9 @@ class Stats:
 class DatabaseWriterService:
     """One named worker. Constructing it opens no connection; run() does."""
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, metrics: Metrics | None = None) -> None:
         self.settings = settings or load_settings()
+        self.metrics = metrics
         self.stats = Stats()
         self.running = False
         self.stop_reason: str | None = None
@@ -142,6 +145,9 @@ class DatabaseWriterService:
         stats.messages_trimmed += len(batch.trimmed)
         stats.batches_processed += 1
         stats.last_batch_at = time.time()
+        if self.metrics is not None:
+            self.metrics.observe_batch(done - started, len(batch.entries), result.inserted, result.duplicates,
+                                       [letter.step for letter in letters])
         if batch.trimmed:
             log.warning("pending entries were deleted from their stream before being written; acked away",
                         count=len(batch.trimmed), entries=[f"{s.decode(errors='replace')}/{i.decode()}" for s, i in batch.trimmed[:10]])
@@ -203,6 +209,8 @@ class DatabaseWriterService:
 
     def _note_outage(self, state) -> None:
         self.stats.errors += 1
+        if self.metrics is not None:
+            self.metrics.errors.inc()
         if self._outage_since is None:
             self._outage_since = time.monotonic()
         log.warning("transient error; retrying", error=str(state.outcome.exception()), attempt=state.attempt_number)
@@ -346,7 +354,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_worker(settings: Settings) -> int:
     configure_logging(settings.log_level, settings.log_format)
-    service = DatabaseWriterService(settings)
+    metrics = Metrics() if settings.metrics_port else None
+    service = DatabaseWriterService(settings, metrics)
+    if metrics is not None:
+        serve_metrics(settings.metrics_port, service, metrics)
     _install_signal_handlers(service)
     try:
         service.run()
