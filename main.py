@@ -319,14 +319,22 @@ def _database_up(settings: Settings) -> bool:
 
 def _install_signal_handlers(service: DatabaseWriterService) -> None:
     """First SIGTERM/SIGINT: finish the batch in flight, ack, exit 0. Second: exit now;
-    unacked entries stay pending and are redelivered."""
+    unacked entries stay pending and are redelivered.
+
+    One stop often arrives twice at once (`uv run` forwards the signal that systemd or
+    `timeout` also sends to the whole process group), so a repeat within a second is the
+    same request, not a second one."""
+    first_at: list[float] = []
 
     def handle(signum: int, _frame) -> None:
-        if service._stop.is_set():
+        now = time.monotonic()
+        if first_at and now - first_at[0] > 1.0:
             service._abort.set()
             raise SystemExit(1)
-        log.info("stopping: finishing the batch in flight", signal=signal.Signals(signum).name)
-        service.stop(signal.Signals(signum).name)
+        if not first_at:
+            first_at.append(now)
+            service.stop(signal.Signals(signum).name)
+            log.info("stopping: finishing the batch in flight", signal=signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)

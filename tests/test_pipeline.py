@@ -377,3 +377,22 @@ def test_an_enormous_stream_name_is_dead_lettered_and_blocks_nothing(redis_clien
     assert rows(migrated_database_url) == expected
     assert service.stats.messages_failed == 1 and service.stats.errors == 0
     assert pending(redis_client) == 0
+
+
+def test_a_doubled_sigterm_is_one_clean_stop_and_a_later_one_is_hard(redis_client, redis_url, migrated_database_url):
+    """systemd (KillMode=control-group) and `timeout` signal the whole group and `uv run`
+    forwards too: the same stop arrives twice at once, and must not abandon the batch."""
+    lock = "db_writer:lock:db_writer:twice"
+    worker = start_worker(worker_env(redis_url, migrated_database_url, "twice", BATCH_TIMEOUT_SEC="3"))
+    assert wait_for(lambda: redis_client.exists(lock), 30)  # started: handlers are in place
+    worker.send_signal(signal.SIGTERM)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+
+    redis_client.xadd("mqtt_stream:x:t", {"value": "1"})  # a stream, so that reads block
+    worker = start_worker(worker_env(redis_url, migrated_database_url, "twice", BATCH_TIMEOUT_SEC="3"))
+    assert wait_for(lambda: redis_client.exists(lock) and len(rows(migrated_database_url)) == 1, 30)
+    worker.send_signal(signal.SIGTERM)  # stops within the blocking read (up to 3 s) ...
+    time.sleep(1.5)
+    worker.send_signal(signal.SIGTERM)  # ... unless a second, later request says: now
+    assert worker.wait(30) == 1
