@@ -40,7 +40,7 @@ def make(stream: bytes, entry_id: bytes, fields: dict, step: str, error: str, de
     except schema.InvalidEntry:
         device_id = sensor_type = ""
     return DeadLetter(
-        original_stream=_text(stream, 1000),
+        original_stream=stream_text(stream),
         original_id=_text(entry_id, 100),
         device_id=device_id,
         sensor_type=sensor_type,
@@ -122,6 +122,11 @@ def _raw(value: str | dict) -> bytes:
     if value.startswith("base64:"):
         return base64.b64decode(value[7:])
     return value.encode("utf-8")
+
+
+def stream_text(stream: bytes | str) -> str:
+    """A stream name as dead letters and trace rows record it (hostile names are cut)."""
+    return _text(stream, 1000)
 
 
 def _text(raw: bytes | str, max_bytes: int) -> str:

