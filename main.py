@@ -97,7 +97,10 @@ class DatabaseWriterService:
         """Runs in the read-ahead thread. PROCESSING_INTERVAL_SEC only ever follows an empty read."""
         batch = self._retry(self._next_batch)
         if not batch:
-            self._stop.wait(self.settings.processing_interval_sec)
+            pause = self.settings.processing_interval_sec
+            if not self.reader.streams:  # no blocking read to wait in: wait for the next re-scan
+                pause = max(pause, min(self.settings.batch_timeout_sec, self._next_tick - time.monotonic()))
+            self._stop.wait(pause)
         return batch
 
     def _next_batch(self) -> redis_reader.Batch:

@@ -396,3 +396,22 @@ def test_a_doubled_sigterm_is_one_clean_stop_and_a_later_one_is_hard(redis_clien
     time.sleep(1.5)
     worker.send_signal(signal.SIGTERM)  # ... unless a second, later request says: now
     assert worker.wait(30) == 1
+
+
+def test_a_worker_with_no_stream_to_read_waits_instead_of_spinning(redis_client, redis_url, migrated_database_url):
+    """A Redis restarted empty leaves nothing to block on: the worker must idle, not spin."""
+    settings = settings_for(redis_url, migrated_database_url, batch_timeout_sec=1, stream_rescan_sec=0.5)
+    service = DatabaseWriterService(settings)
+    thread = threading.Thread(target=service.run)
+    thread.start()
+    try:
+        time.sleep(1)  # started, found no stream
+        cpu = time.process_time()
+        time.sleep(3)
+        assert time.process_time() - cpu < 0.5  # spinning burns ~3 s of CPU here
+        redis_client.xadd("mqtt_stream:late:t", {"value": "1", "timestamp": "2025-01-01T00:00:00Z"})
+        assert wait_for(lambda: len(rows(migrated_database_url)) == 1, 10)  # and the next re-scan finds it
+    finally:
+        service.stop()
+        thread.join(10)
+    assert not thread.is_alive()
