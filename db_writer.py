@@ -110,7 +110,7 @@ class DatabaseWriter:
 
     def check_schema(self, head: str | None) -> None:
         """Refuse to start unless the schema exists and is at the migration head."""
-        with _translated("check the schema"), self._pool.connection() as conn:
+        with self._translated("check the schema"), self._pool.connection() as conn:
             version = None
             if conn.execute("SELECT to_regclass('alembic_version')").fetchone()[0]:
                 version = conn.execute("SELECT version_num FROM alembic_version").fetchone()
@@ -131,6 +131,26 @@ class DatabaseWriter:
         except psycopg.Error:
             return False
 
+    @contextmanager
+    def _translated(self, doing: str) -> Iterator[None]:
+        """Turns a lost or busy database into TransientError, naming what was being done."""
+        try:
+            yield
+        except (psycopg.Error, PoolTimeout) as exc:
+            if not _is_transient(exc):
+                raise
+            reason = _first_line(exc)
+            if isinstance(exc, PoolTimeout):  # the pool logs why it cannot connect; say it here
+                reason += self._why_no_connection()
+            raise TransientError(f"database unavailable ({doing}): {reason}") from exc
+
+    def _why_no_connection(self) -> str:
+        try:
+            psycopg.connect(self._settings.postgres_dsn, connect_timeout=2).close()
+            return ""  # it connects now: the pool was only busy
+        except psycopg.Error as exc:
+            return f" ({_first_line(exc)})"
+
     def write(
         self,
         rows: list[Row],
@@ -143,7 +163,7 @@ class DatabaseWriter:
         `on_reject(index, reason)` makes the dead letter of a row the database refused
         or that conflicts with a stored reading; it is recorded in the same transaction
         and returned in `result.letters`."""
-        with _translated("write a batch"), self._pool.connection() as conn:
+        with self._translated("write a batch"), self._pool.connection() as conn:
             if rows:
                 try:
                     with conn.transaction():
@@ -299,16 +319,8 @@ class _JsonTextDumper(Dumper):
         return b"\x01" + obj.encode()
 
 
-@contextmanager
-def _translated(doing: str) -> Iterator[None]:
-    """Turns a lost or busy database into TransientError, naming what was being done."""
-    try:
-        yield
-    except (psycopg.Error, PoolTimeout) as exc:
-        if not _is_transient(exc):
-            raise
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise TransientError(f"database unavailable ({doing}): {first_line}") from exc
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _is_transient(exc: Exception) -> bool:
