@@ -136,6 +136,7 @@ class StreamReader:
         self._claim_idle_ms = settings.claim_idle_ms
         self.streams: list[bytes] = []
         self._cursor = 0
+        self._count = 1  # COUNT per stream of the next window, see read_new
         self._pending_after: dict[bytes, bytes] = {}
 
     # Streams and groups
@@ -164,19 +165,34 @@ class StreamReader:
     # Reads
 
     def read_new(self) -> Batch:
-        """Entries never delivered to anyone: windows without blocking, then one blocking read."""
+        """Entries never delivered to anyone: windows of streams without blocking, in turn,
+        then, when all were empty, one blocking read of every stream.
+
+        XREADGROUP's COUNT is per stream, so a window of W streams read with COUNT c holds at
+        most W * c = BATCH_SIZE entries. c adapts to the backlog: it doubles while windows come
+        back full and halves when they come back less than half full. Over a deep backlog a
+        batch then touches few streams (fewer XACKs and registry rows per batch); at a trickle
+        it touches many, and every stream still gets its turn."""
         if not self.streams:
             return Batch()
-        windows = -(-len(self.streams) // self._batch_size)
-        if windows > 1:
-            for _ in range(windows):
-                window = self._next_window()
-                count = max(1, self._batch_size // len(window))
-                batch = self._read(dict.fromkeys(window, ">"), count, block=None)
+        base = max(1, self._batch_size // len(self.streams))
+        self._count = max(base, self._count)
+        width = max(1, self._batch_size // self._count)
+        if width < len(self.streams):
+            for _ in range(-(-len(self.streams) // width)):
+                window = self._next_window(width)
+                capacity = len(window) * self._count
+                batch = self._read(dict.fromkeys(window, ">"), self._count, block=None)
+                if len(batch.entries) >= capacity:
+                    self._count = min(self._batch_size, self._count * 2)
+                elif len(batch.entries) < capacity // 2:
+                    self._count = max(base, self._count // 2)
                 if batch.entries:
                     return batch
-        count = max(1, self._batch_size // len(self.streams))
-        return self._read(dict.fromkeys(self.streams, ">"), count, block=self._block_ms)
+        batch = self._read(dict.fromkeys(self.streams, ">"), base, block=self._block_ms)
+        full = len(batch.entries) >= len(self.streams) * base and base < self._batch_size
+        self._count = base * 2 if full else base
+        return batch
 
     def read_own_pending(self) -> Batch:
         """This consumer's pending entries (left by a crash of the same name), oldest first.
@@ -222,10 +238,10 @@ class StreamReader:
         batch.deliveries = self._delivery_counts(batch.entries)
         return batch
 
-    def _next_window(self) -> list[bytes]:
+    def _next_window(self, width: int) -> list[bytes]:
         if self._cursor >= len(self.streams):
             self._cursor = 0
-        window = self.streams[self._cursor : self._cursor + self._batch_size]
+        window = self.streams[self._cursor : self._cursor + width]
         self._cursor += len(window)
         return window
 

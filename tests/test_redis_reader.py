@@ -1,0 +1,64 @@
+"""The reader against a real Redis: BATCH_SIZE bounds a batch across streams, the COUNT
+per stream adapts to the backlog, and no stream waits for the others to drain."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import config
+import redis_reader
+
+
+def make_reader(redis_client, redis_url: str, batch_size: int) -> redis_reader.StreamReader:
+    settings = config.load_settings(redis_url=redis_url, database_url="postgresql://x@localhost/x",
+                                    batch_size=batch_size, batch_timeout_sec=0.1)  # fmt: skip
+    reader = redis_reader.StreamReader(redis_client, settings)
+    reader.refresh_streams()
+    return reader
+
+
+def fill(redis_client, streams: int, per_stream: int, prefix: str = "s") -> None:
+    pipe = redis_client.pipeline(transaction=False)
+    for s in range(streams):
+        for i in range(per_stream):
+            pipe.xadd(f"mqtt_stream:{prefix}{s:04d}:t", {"value": str(i), "timestamp": str(i)})
+    pipe.execute()
+
+
+def drain(reader: redis_reader.StreamReader) -> list[redis_reader.Batch]:
+    batches = []
+    while batch := reader.read_new():
+        batches.append(batch)
+        reader.finish([(s, i) for s, i, _ in batch.entries], [])
+    return batches
+
+
+def test_every_entry_is_read_once_and_no_batch_exceeds_batch_size(redis_client, redis_url):
+    fill(redis_client, streams=300, per_stream=7)
+    batches = drain(make_reader(redis_client, redis_url, batch_size=64))
+    assert max(len(b.entries) for b in batches) <= 64
+    read = Counter((s, i) for b in batches for s, i, _ in b.entries)
+    assert len(read) == 300 * 7 and set(read.values()) == {1}
+
+
+def test_over_a_deep_backlog_batches_touch_few_streams(redis_client, redis_url):
+    """With COUNT 1 per stream, each batch of 100 would hold 100 streams (100 XACKs)."""
+    fill(redis_client, streams=400, per_stream=50)
+    batches = drain(make_reader(redis_client, redis_url, batch_size=100))
+    streams_per_batch = sorted(len({s for s, _, _ in b.entries}) for b in batches)
+    assert streams_per_batch[len(streams_per_batch) // 2] <= 4  # median
+    assert sum(len(b.entries) for b in batches) == 400 * 50
+
+
+def test_a_deep_stream_does_not_starve_the_others(redis_client, redis_url):
+    fill(redis_client, streams=1, per_stream=5000, prefix="deep")
+    fill(redis_client, streams=199, per_stream=1, prefix="shallow")
+    reader = make_reader(redis_client, redis_url, batch_size=100)
+    seen, batches = set(), 0
+    while len(seen) < 199:
+        batch = reader.read_new()
+        assert batch, "nothing left to read, yet shallow streams were never read"
+        reader.finish([(s, i) for s, i, _ in batch.entries], [])
+        seen |= {s for s, _, _ in batch.entries if b"shallow" in s}
+        batches += 1
+    assert batches <= 20  # the 5,000-entry stream alone is 50 batches
