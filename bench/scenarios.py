@@ -1,0 +1,107 @@
+"""db-writer end to end: draining a backlog with 1..n workers, and latency under a steady load."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from datetime import UTC, datetime
+
+import infra
+import psycopg
+import worker
+import workload
+
+# The forkserver preloads `worker` (and so `main`) once. Python 3.11's forkserver ignores
+# the parent's sys.path, so it finds bench/ and the service's modules through PYTHONPATH.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(infra.ROOT / "bench"), str(infra.ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+_CTX = multiprocessing.get_context("forkserver")
+_CTX.set_forkserver_preload(["worker"])
+
+
+def _settings(db_url: str, batch_size: int, name: str) -> dict:
+    return {"redis_url": infra.REDIS_URL, "database_url": db_url, "batch_size": batch_size,
+            "batch_timeout_sec": 0.2, "log_level": "WARNING", "consumer_name": name}
+
+
+def start_workers(db_url: str, batch_size: int, count: int, until_idle: bool) -> list:
+    """Start `count` workers (each its own CONSUMER_NAME) and wait until they are ready."""
+    workers = []
+    for k in range(count):
+        conn, child = _CTX.Pipe()
+        proc = _CTX.Process(target=worker.serve, daemon=True,
+                            args=(child, _settings(db_url, batch_size, f"bench-{k + 1}"), until_idle))
+        proc.start()
+        workers.append((proc, conn))
+    for proc, conn in workers:
+        if not conn.poll(120) or conn.recv() != "ready":
+            raise RuntimeError(f"worker {proc.pid} did not start")
+    return workers
+
+
+def finish_workers(workers: list, timeout: float) -> list[dict]:
+    results = []
+    for proc, conn in workers:
+        if not conn.poll(timeout):
+            proc.kill()
+            raise RuntimeError(f"worker {proc.pid} did not finish within {timeout:.0f} s")
+        results.append(conn.recv())
+        proc.join(10)
+    if errors := [r["error"] for r in results if r["error"]]:
+        raise RuntimeError(f"worker failed: {errors}")
+    return results
+
+
+def drain(db_url: str, names: list[bytes], total: int, batch_size: int, workers: int = 1) -> dict:
+    """Time from the workers being started (connected, streams found) to the last commit."""
+    with infra.redis_client() as client:
+        infra.reset_groups(client, names)
+        infra.reset_database(db_url)
+        procs = start_workers(db_url, batch_size, workers, until_idle=True)
+        go = time.time()
+        for _, conn in procs:
+            conn.send("go")
+        results = finish_workers(procs, timeout=900)
+        rows, left = infra.count_rows(db_url), infra.pending(client, names)
+    if rows != total or left:
+        raise RuntimeError(f"drain incomplete: {rows} rows of {total}, {left} entries pending")
+    first = min(r["started_at"] for r in results)
+    seconds = max(r["last_batch_at"] for r in results) - first
+    return {"entries": total, "seconds": seconds, "rate": total / seconds, "startup_s": first - go,
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+            "cpu_s": sum(r["cpu_s"] for r in results),
+            "batches": sum(r["stats"]["batches_processed"] for r in results), "code": results[0]["code"]}
+
+
+def latency(db_url: str, names: list[bytes], rate: float, seconds: float, batch_size: int,
+            warmup: float = 1.0) -> dict:
+    """One worker while `rate` entries/s are published; latency = created_at - timestamp,
+    over the entries published after the first `warmup` seconds."""
+    with infra.redis_client() as client:
+        infra.empty_streams(client, names)
+        infra.reset_database(db_url)
+        procs = start_workers(db_url, batch_size, 1, until_idle=False)
+        procs[0][1].send("go")
+        time.sleep(1.0)  # start-up: connect, schema check, SCAN, first blocking read
+        since = datetime.fromtimestamp(time.time() + warmup, UTC)
+        sent, took = workload.produce(client, names, rate, seconds)
+        deadline = time.monotonic() + 60
+        while infra.count_rows(db_url) < sent and time.monotonic() < deadline:
+            time.sleep(0.05)
+        procs[0][1].send("stop")
+        result = finish_workers(procs, timeout=60)[0]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        p50, p95, p99, top, n = conn.execute(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.95) WITHIN GROUP"
+            " (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), max(ms), count(*) FROM"
+            " (SELECT extract(epoch FROM created_at - timestamp) * 1000 AS ms FROM sensor_readings"
+            "  WHERE timestamp >= %s) s", [since]).fetchone()
+        rows = conn.execute("SELECT count(*) FROM sensor_readings").fetchone()[0]
+    if rows != sent:
+        raise RuntimeError(f"latency run incomplete: {rows} rows of {sent} published")
+    batches = result["stats"]["batches_processed"]
+    return {"entries": sent, "offered_rate": sent / took, "p50_ms": float(p50), "p95_ms": float(p95),
+            "p99_ms": float(p99), "max_ms": float(top), "measured_rows": n, "batches": batches,
+            "mean_batch": sent / max(1, batches), "peak_rss_mb": result["peak_rss_mb"],
+            "cpu_share": result["cpu_s"] / took, "code": result["code"]}

@@ -1,0 +1,67 @@
+"""One db-writer worker in a process of its own, for the benchmark.
+
+Processes are forked from a multiprocessing forkserver that has imported `main`
+once (importing it takes ~3 s here): a worker starts at once, and its peak RSS is
+that of a `python main.py` process. The worker runs the service's own loop,
+`DatabaseWriterService(settings).run()`; the parent sends "go" (and, for a worker
+not run until idle, "stop") over a pipe and gets back the stats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import log
+from config import load_settings
+from main import DatabaseWriterService
+
+SERVICE = ("main.py", "redis_reader.py", "db_writer.py", "schema.py", "config.py")
+
+
+def code_version() -> dict:
+    """Which service code runs (the tree may change under a benchmark; no git here)."""
+    root = Path(__file__).resolve().parents[1]
+    return {name: hashlib.sha256((root / name).read_bytes()).hexdigest()[:12] for name in SERVICE}
+
+
+CODE = code_version()  # taken when the forkserver imports the service, as close as it gets
+
+
+class TimedService(DatabaseWriterService):
+    """The service, noting when its start-up (connect, lock, schema check, SCAN) is done."""
+
+    started_at: float | None = None
+
+    def _start(self) -> None:
+        super()._start()
+        self.started_at = time.time()
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def serve(conn, overrides: dict, until_idle: bool) -> None:
+    settings = load_settings(**overrides)
+    log.configure_logging(settings.log_level, settings.log_format)
+    service = TimedService(settings)
+    conn.send("ready")
+    conn.recv()
+    if not until_idle:
+        threading.Thread(target=lambda: (conn.recv(), service.stop("benchmark over")), daemon=True).start()
+    error = None
+    try:
+        service.run(until_idle=until_idle)
+    except Exception as exc:  # noqa: BLE001  (reported to the parent, which fails the scenario)
+        error = repr(exc)
+    cpu = time.process_time()
+    conn.send({"started_at": service.started_at, "last_batch_at": service.stats.last_batch_at,
+               "stats": asdict(service.stats), "peak_rss_mb": peak_rss_mb(), "cpu_s": cpu, "error": error, "code": CODE})
