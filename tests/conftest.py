@@ -5,6 +5,7 @@ Which servers (env, local or embedded) is decided once per session: see servers.
 
 from __future__ import annotations
 
+import os
 import secrets
 from pathlib import Path
 import time
@@ -92,15 +93,17 @@ def migrated_database_url(pg_admin_url: str, migrated_template: str) -> Iterator
 
 @pytest.fixture(scope="session")
 def tsdb_url() -> Iterator[str]:
-    """A real TimescaleDB (2.23, PGlite/WASM) from ../shared/tools/timescale, in shared mode.
+    """A real TimescaleDB (2.23, PGlite/WASM) from ../shared/tools/timescale (or
+    TIMESCALE_TEST_SERVER), in shared mode.
 
     Its jobs never run by themselves (CALL run_job), and it has one backend: see its README."""
     import shutil
     import sys
 
-    tools = Path(__file__).resolve().parents[2] / "shared" / "tools" / "timescale"
+    default = Path(__file__).resolve().parents[2] / "shared" / "tools" / "timescale"
+    tools = Path(os.environ.get("TIMESCALE_TEST_SERVER") or default)
     if not (tools / "tsdb_fixture.py").exists() or not shutil.which("node") or not shutil.which("npm"):
-        pytest.skip("needs node, npm and ../shared/tools/timescale (the TimescaleDB test server)")
+        pytest.skip(f"needs node, npm and the TimescaleDB test server in {tools} (TIMESCALE_TEST_SERVER)")
     sys.path.insert(0, str(tools))
     from tsdb_fixture import timescale_server
 
