@@ -62,7 +62,6 @@ class DatabaseWriterService:
         self._stop = threading.Event()
         self._abort = threading.Event()  # second signal: stop retrying at once
         self._stop_deadline: float | None = None
-        self._outage_since: float | None = None
         self._next_tick = 0.0
         self._recovering = True  # own pending entries first, after a restart
         self._redis: redis.Redis | None = None
@@ -85,7 +84,7 @@ class DatabaseWriterService:
                     elif not batch and until_idle:
                         self.stop("idle")
         except TransientError as exc:
-            if self._stop.is_set():
+            if self.stop_reason is not None:  # a stop was asked for (leaving ReadAhead sets the event too)
                 log.warning("stopped before the batch in flight was written; it stays pending", error=str(exc))
             else:
                 self.stop_reason = f"outage longer than MAX_OUTAGE_SEC={self.settings.max_outage_sec:g}: {exc}"
@@ -195,35 +194,39 @@ class DatabaseWriterService:
 
     def _retry(self, call: Callable[[], T]) -> T:
         """Retry transient errors with exponential backoff until they pass, the outage
-        outlasts MAX_OUTAGE_SEC, or a stop request outlasts SHUTDOWN_TIMEOUT_SEC."""
+        outlasts MAX_OUTAGE_SEC, or a stop request outlasts SHUTDOWN_TIMEOUT_SEC.
+
+        The outage is timed per call: the loop and the read-ahead thread retry on their
+        own, and a read that succeeds says nothing about a write that keeps failing."""
+        since: list[float] = []  # when this call first failed
+
+        def note_outage(state) -> None:
+            self.stats.errors += 1
+            if self.metrics is not None:
+                self.metrics.errors.inc()
+            if not since:
+                since.append(time.monotonic())
+            log.warning("transient error; retrying", error=str(state.outcome.exception()), attempt=state.attempt_number)
+
         retrying = Retrying(
             retry=retry_if_exception_type(TransientError),
             wait=wait_exponential_jitter(multiplier=0.1, max=5.0),
-            stop=lambda state: self._give_up(),
+            stop=lambda state: self._give_up(since[0] if since else None),
             sleep=self._abort.wait,  # not the stop event: a stop must not turn backoff into a busy loop
-            before_sleep=self._note_outage,
+            before_sleep=note_outage,
             reraise=True,
         )
         result = retrying(call)
-        if self._outage_since is not None:
-            log.info("servers reachable again", outage_s=round(time.monotonic() - self._outage_since, 1))
-            self._outage_since = None
+        if since:
+            log.info("servers reachable again", outage_s=round(time.monotonic() - since[0], 1))
         return result
 
-    def _note_outage(self, state) -> None:
-        self.stats.errors += 1
-        if self.metrics is not None:
-            self.metrics.errors.inc()
-        if self._outage_since is None:
-            self._outage_since = time.monotonic()
-        log.warning("transient error; retrying", error=str(state.outcome.exception()), attempt=state.attempt_number)
-
-    def _give_up(self) -> bool:
+    def _give_up(self, failing_since: float | None) -> bool:
         now = time.monotonic()
         if self._abort.is_set() or (self._stop.is_set() and now > (self._stop_deadline or 0)):
             return True
         limit = self.settings.max_outage_sec
-        return bool(limit) and self._outage_since is not None and now - self._outage_since > limit
+        return bool(limit) and failing_since is not None and now - failing_since > limit
 
     # Start and stop
 

@@ -344,6 +344,31 @@ def test_postgres_outage_health_and_recovery(redis_client, redis_url, tmp_path):
         assert not thread.is_alive()
 
 
+def test_an_outage_longer_than_max_outage_sec_ends_the_worker_with_status_1(redis_client, redis_url, tmp_path):
+    """So that a supervisor restarts it; what it could not write stays pending."""
+    with servers.embedded_postgres() as pg, servers.temp_database(pg.url) as url:
+        servers.migrate(url)
+        publish(redis_client, devices=1, sensors=("t",), per_stream=1)
+        env = worker_env(redis_url, url, "w-outage", MAX_OUTAGE_SEC="2", LOG_FORMAT="json", LOG_LEVEL="INFO")
+        worker = start_worker(env)
+        try:
+            assert wait_for(lambda: len(rows(url)) == 1, 30)
+            pg.stop()
+            try:
+                redis_client.xadd("mqtt_stream:dev0:t", {"value": "9", "timestamp": "2025-01-01T00:00:00Z"})
+                out, err = worker.communicate(timeout=60)
+                output = out + err
+                assert worker.returncode == 1, output
+                assert "giving up" in output and "MAX_OUTAGE_SEC=2" in output
+                assert pending(redis_client) == 1
+            finally:
+                pg.start()
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+
+
 def test_the_sensor_registry_counts_inserted_rows(redis_client, redis_url, migrated_database_url):
     publish(redis_client, devices=2, sensors=("t", "h"), per_stream=10)
     settings = settings_for(redis_url, migrated_database_url, batch_size=7)
