@@ -269,15 +269,7 @@ def start_postgres(stack: ExitStack, base: Path, port: int, log_dir: Path) -> se
     # SIGINT is PostgreSQL's fast shutdown: sessions are ended, committed data is kept.
     server = servers.ChildServer([str(bin_dir / "postgres"), "-D", str(data), "-p", str(port)],
                                  log_dir / "postgres.log", signal.SIGINT, info.answers, run_as)  # fmt: skip
-    info.control = server
-    stack.callback(_stopping, "PostgreSQL", server)  # registered first: a Ctrl-C during start stops it too
-    started = time.monotonic()
-    try:
-        server.start()
-    except (RuntimeError, TimeoutError) as exc:
-        raise Failed(f"PostgreSQL did not start ({exc}); see {log_dir / 'postgres.log'}") from None
-    say(f"{info.version()} (embedded) on 127.0.0.1:{port}, data in {_shown(data)} ({time.monotonic() - started:.1f} s)")
-    return info
+    return _start(stack, "PostgreSQL", server, info, port, data)
 
 
 def start_valkey(stack: ExitStack, base: Path, port: int, log_dir: Path) -> servers.RedisServerInfo:
@@ -287,14 +279,19 @@ def start_valkey(stack: ExitStack, base: Path, port: int, log_dir: Path) -> serv
     argv = [str(_valkey_bin() / "valkey-server"), "--bind", "127.0.0.1", "--port", str(port),
             "--dir", str(base), "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""]  # fmt: skip
     server = servers.ChildServer(argv, log_dir / "valkey.log", signal.SIGTERM, info.answers)
+    return _start(stack, "Valkey", server, info, port, base)
+
+
+def _start(stack: ExitStack, name: str, server: servers.ChildServer, info, port: int, data: Path):
+    """Start a server; its stop is registered first, so a Ctrl-C during the start stops it too."""
     info.control = server
-    stack.callback(_stopping, "Valkey", server)
+    stack.callback(_stopping, name, server)
     started = time.monotonic()
     try:
         server.start()
     except (RuntimeError, TimeoutError) as exc:
-        raise Failed(f"Valkey did not start ({exc}); see {log_dir / 'valkey.log'}") from None
-    say(f"{info.version()} (embedded) on 127.0.0.1:{port}, data in {_shown(base)} ({time.monotonic() - started:.1f} s)")
+        raise Failed(f"{name} did not start ({exc}); see {server.log}") from None
+    say(f"{info.version()} (embedded) on 127.0.0.1:{port}, data in {_shown(data)} ({time.monotonic() - started:.1f} s)")
     return info
 
 

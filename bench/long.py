@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import random
 import sys
 import threading
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from statistics import median
 
@@ -304,9 +303,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    meta = {"started": datetime.now(UTC).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "load_before": os.getloadavg(), **infra.server_versions(),
-            "args": {k: v for k, v in vars(args).items() if k != "out"}}
+    meta = report.start_meta(args, infra.server_versions())
     print(f"db-writer long benchmark ({', '.join(args.only)}); {meta['cpus']} CPUs, load {meta['load_before'][0]:.2f}")
     result = {}
     try:
@@ -317,13 +314,8 @@ def main(argv: list[str]) -> int:
     finally:
         with infra.redis_client() as client:
             client.flushdb()
-    meta["load_after"] = os.getloadavg()
-    codes = [dict(c) for c in {tuple(sorted(r["code"].items())) for r in
-                               [*result.get("memory", {}).values(), *result.get("growth", {}).get("runs", [])]}]
-    meta["code"] = codes[0] if len(codes) == 1 else codes
-    if len(codes) > 1:
-        print(f"WARNING: the service's code changed during the run; {len(codes)} versions measured")
-    meta["seconds"] = round(time.monotonic() - started, 1)
+    report.finish_meta(meta, [*result.get("memory", {}).values(), *result.get("growth", {}).get("runs", [])],
+                       started)
     goals = targets(result)
     print_table(result, goals)
     report.save_json(args.out / "long.json", {"meta": meta, **result, "targets": goals})

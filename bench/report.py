@@ -4,11 +4,31 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from statistics import median
 
 NUMBERS = ("rate", "seconds", "startup_s", "cpu_s", "offered_rate", "mean_batch",
            "p50_ms", "p95_ms", "p99_ms", "max_ms", "redis_ping_ms", "pg_select_ms", "pg_commit_ms")
+
+
+def start_meta(args, servers: dict) -> dict:
+    """When, on what and how busy: the machine is shared, so every result carries it."""
+    return {"started": datetime.now(UTC).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "load_before": os.getloadavg(), **servers,
+            "args": {k: v for k, v in vars(args).items() if k != "out"}}
+
+
+def finish_meta(meta: dict, runs: list[dict], started: float) -> None:
+    """Load after, duration, and which service code the workers ran (the tree may change under a run)."""
+    meta["load_after"] = os.getloadavg()
+    codes = [dict(c) for c in {tuple(sorted(r["code"].items())) for r in runs if "code" in r}]
+    meta["code"] = codes[0] if len(codes) == 1 else codes
+    if len(codes) > 1:
+        print(f"WARNING: the service's code changed during the run; {len(codes)} versions measured")
+    meta["seconds"] = round(time.monotonic() - started, 1)
 
 
 def ratio(runs: list[dict], a: str, b: str) -> float | None:

@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import infra
@@ -113,10 +111,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    meta = {"started": datetime.now(UTC).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "load_before": os.getloadavg(), **infra.server_versions(),
-
-            "args": {k: v for k, v in vars(args).items() if k != "out"}}
+    meta = report.start_meta(args, infra.server_versions())
     print(f"db-writer benchmark: {args.entries:,} entries over {args.streams} streams, {args.repeat} repeat(s);"
           f" {meta['cpus']} CPUs, load {meta['load_before'][0]:.2f}")
     runs: list[dict] = []
@@ -127,12 +122,7 @@ def main(argv: list[str]) -> int:
         finally:
             with infra.redis_client() as client:
                 client.flushdb()
-    meta["load_after"] = os.getloadavg()
-    codes = [dict(c) for c in {tuple(sorted(r["code"].items())) for r in runs if "code" in r}]
-    meta["code"] = codes[0] if len(codes) == 1 else codes
-    if len(codes) > 1:
-        print(f"WARNING: the service's code changed during the run; {len(codes)} versions measured (see runs[].code)")
-    meta["seconds"] = round(time.monotonic() - started, 1)
+    report.finish_meta(meta, runs, started)
     summary = report.summarize(runs)
     goals = report.targets(runs, summary, args.streams, MANY_STREAMS)
     report.print_table(summary, goals)

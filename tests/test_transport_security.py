@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +34,7 @@ import migrations
 import servers
 from errors import TransientError
 from main import DatabaseWriterService
+from test_pipeline import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP = b"db_writer"
@@ -196,15 +196,6 @@ def assert_no_secret(*texts: object) -> None:
     for text in texts:
         for secret in (REDIS_PASSWORD, quote(REDIS_PASSWORD, safe=""), WRONG_PASSWORD, DB_PASSWORD):
             assert secret not in str(text), f"a password leaked into: {str(text)[:300]}"
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 # 1. Redis AUTH
