@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import psycopg
 import redis
@@ -22,8 +22,11 @@ from config import Settings, mask_url
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
-    commands.add_parser("health", help="print health as JSON; exit 0 only if Redis and PostgreSQL answer "
-                                       "and a live worker holds CONSUMER_NAME (a container health probe)")
+    commands.add_parser(
+        "health",
+        help="print health as JSON; exit 0 only if Redis and PostgreSQL answer "
+        "and a live worker holds CONSUMER_NAME (a container health probe)",
+    )
     status = commands.add_parser("status", help="per stream: length, lag, pending per consumer, oldest pending age")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--sensors", action="store_true", help="list sensors silent longer than --silent-for")
@@ -37,8 +40,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     listing = dlq_commands.add_parser("list", help="newest dead letters, from the trace table")
     listing.add_argument("--limit", type=int, default=20)
     listing.add_argument("--json", action="store_true")
-    replay = dlq_commands.add_parser("replay", help="re-inject dead letters into their stream after a fix; "
-                                                    "each is replayed once")
+    replay = dlq_commands.add_parser(
+        "replay", help="re-inject dead letters into their stream after a fix; each is replayed once"
+    )
     replay.add_argument("--since", help="only those failed at or after this time (ISO 8601 or epoch seconds)")
     replay.add_argument("--match", help="only those whose error or stream contains this text")
     replay.add_argument("--dry-run", action="store_true")
@@ -70,6 +74,7 @@ def _db(settings: Settings) -> psycopg.Connection:
 
 # health
 
+
 def health(args: argparse.Namespace, settings: Settings) -> int:
     from main import DatabaseWriterService
 
@@ -85,6 +90,7 @@ def health(args: argparse.Namespace, settings: Settings) -> int:
 
 
 # status
+
 
 def status(args: argparse.Namespace, settings: Settings) -> int:
     client = _redis(settings)
@@ -109,7 +115,8 @@ def status(args: argparse.Namespace, settings: Settings) -> int:
                 for d, s, last, n in conn.execute(
                     "SELECT device_id, sensor_type, last_seen, readings FROM db_writer_sensors"
                     " WHERE last_seen < now() - make_interval(secs => %s) ORDER BY last_seen",
-                    [args.silent_for])
+                    [args.silent_for],
+                )
             ]
     if args.json:
         print(json.dumps(report, indent=2))
@@ -122,8 +129,10 @@ def status(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{row.stream:40} {row.length:>8} {lag:>8} {sum(row.pending.values()):>8} {oldest:>15}  {consumers}")
     totals = report["totals"]
     print(f"{totals['streams']} streams, {totals['length']} entries, lag {totals['lag']}, pending {totals['pending']}")
-    print(f"dead letters: {report['dead_letter_stream']['length']} in {settings.dead_letter_stream}"
-          f" (capped), {report['dead_letter_table']} in db_writer_dead_letters")
+    print(
+        f"dead letters: {report['dead_letter_stream']['length']} in {settings.dead_letter_stream}"
+        f" (capped), {report['dead_letter_table']} in db_writer_dead_letters"
+    )
     if args.sensors:
         silent = report["silent_sensors"]
         print(f"{len(silent)} sensors silent for more than {args.silent_for:g} s")
@@ -133,6 +142,7 @@ def status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 # trace
+
 
 def trace(args: argparse.Namespace, settings: Settings) -> int:
     result = locate(settings, args.stream, args.entry_id)
@@ -151,15 +161,19 @@ def locate(settings: Settings, stream: str, entry_id: str) -> dict:
     with _db(settings) as conn:
         letter = conn.execute(
             "SELECT failed_at, step, error, consumer, delivery_count, replayed_at FROM db_writer_dead_letters"
-            " WHERE original_stream = %s AND original_id = %s ORDER BY id DESC LIMIT 1", [stream, entry_id]).fetchone()
+            " WHERE original_stream = %s AND original_id = %s ORDER BY id DESC LIMIT 1",
+            [stream, entry_id],
+        ).fetchone()
         if letter:
             keys = ("failed_at", "step", "error", "consumer", "delivery_count", "replayed_at")
-            return found | {"state": "dead-lettered"} | dict(zip(keys, letter))
+            return found | {"state": "dead-lettered"} | dict(zip(keys, letter, strict=True))
         target = redis_reader.id_key(entry_id.encode())
         for batch, committed, consumer, first, last in conn.execute(
             "SELECT b.id, b.committed_at, b.consumer, s.first_id, s.last_id FROM db_writer_batches b,"
             " unnest(b.streams, b.first_ids, b.last_ids) AS s(stream, first_id, last_id)"
-            " WHERE b.streams @> ARRAY[%s] AND s.stream = %s ORDER BY b.id", [stream, stream]):
+            " WHERE b.streams @> ARRAY[%s] AND s.stream = %s ORDER BY b.id",
+            [stream, stream],
+        ):
             if redis_reader.id_key(first.encode()) <= target <= redis_reader.id_key(last.encode()):
                 return found | {"state": "written", "batch": batch, "committed_at": committed, "consumer": consumer}
     client = _redis(settings)
@@ -170,18 +184,26 @@ def locate(settings: Settings, stream: str, entry_id: str) -> dict:
         pending, groups = [], []
     if pending:
         item = pending[0]
-        return found | {"state": "pending", "consumer": item["consumer"].decode(),
-                        "deliveries": item["times_delivered"], "idle_ms": item["time_since_delivered"]}
+        return found | {
+            "state": "pending",
+            "consumer": item["consumer"].decode(),
+            "deliveries": item["times_delivered"],
+            "idle_ms": item["time_since_delivered"],
+        }
     exists = bool(client.xrange(stream, entry_id, entry_id)) if client.exists(stream) else False
     info = next((g for g in groups if redis_reader.as_text(g.get("name")) == settings.consumer_group_name), None)
     last_delivered = redis_reader.as_text(info["last-delivered-id"]) if info else "0-0"
     if exists and target > redis_reader.id_key(last_delivered.encode()):
         return found | {"state": "not yet read"}
-    return found | {"state": "unknown", "in_stream": exists,
-                    "note": "no ledger, dead letter or pending record (a wrong id, or trimmed before it was read)"}
+    return found | {
+        "state": "unknown",
+        "in_stream": exists,
+        "note": "no ledger, dead letter or pending record (a wrong id, or trimmed before it was read)",
+    }
 
 
 # dlq
+
 
 def dlq(args: argparse.Namespace, settings: Settings) -> int:
     return dlq_list(args, settings) if args.dlq_command == "list" else dlq_replay(args, settings)
@@ -191,16 +213,20 @@ def dlq_list(args: argparse.Namespace, settings: Settings) -> int:
     with _db(settings) as conn:
         cur = conn.execute(
             "SELECT id, failed_at, original_stream, original_id, step, error, delivery_count, replayed_at"
-            " FROM db_writer_dead_letters ORDER BY id DESC LIMIT %s", [args.limit])
+            " FROM db_writer_dead_letters ORDER BY id DESC LIMIT %s",
+            [args.limit],
+        )
         names = [c.name for c in cur.description]
-        letters = [dict(zip(names, row)) for row in cur]
+        letters = [dict(zip(names, row, strict=True)) for row in cur]
     if args.json:
         print(json.dumps(letters, indent=2, default=str))
         return 0
     for letter in letters:
         replayed = f"  replayed {letter['replayed_at']:%Y-%m-%d %H:%M:%S}" if letter["replayed_at"] else ""
-        print(f"#{letter['id']} {letter['failed_at']:%Y-%m-%d %H:%M:%S} {letter['original_stream']} "
-              f"{letter['original_id']} [{letter['step']}] {letter['error']}{replayed}")
+        print(
+            f"#{letter['id']} {letter['failed_at']:%Y-%m-%d %H:%M:%S} {letter['original_stream']} "
+            f"{letter['original_id']} [{letter['step']}] {letter['error']}{replayed}"
+        )
     return 0
 
 
@@ -209,7 +235,7 @@ def dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     inside one transaction that holds the rows locked: replaying twice re-injects nothing.
     If the process dies between XADD and COMMIT, the next replay injects those again; the
     readings table's key makes such a duplicate a no-op."""
-    since = _parse_since(args.since) if args.since else datetime.fromtimestamp(0, timezone.utc)
+    since = _parse_since(args.since) if args.since else datetime.fromtimestamp(0, UTC)
     match = f"%{args.match}%" if args.match else "%"
     client = _redis(settings)
     replayed, skipped = [], []
@@ -217,7 +243,9 @@ def dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
         chosen = conn.execute(
             "SELECT id, original_stream, original_id, fields FROM db_writer_dead_letters"
             " WHERE replayed_at IS NULL AND failed_at >= %s AND (error ILIKE %s OR original_stream ILIKE %s)"
-            " ORDER BY id FOR UPDATE SKIP LOCKED", [since, match, match]).fetchall()
+            " ORDER BY id FOR UPDATE SKIP LOCKED",
+            [since, match, match],
+        ).fetchall()
         for letter_id, stream, entry_id, fields in chosen:
             if not dead_letters.is_complete(fields):
                 skipped.append(letter_id)  # cut when stored: it cannot be replayed as it was
@@ -231,13 +259,16 @@ def dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
         if replayed and not args.dry_run:
             conn.execute("UPDATE db_writer_dead_letters SET replayed_at = now() WHERE id = ANY(%s)", [replayed])
     verb = "would replay" if args.dry_run else "replayed"
-    print(f"{verb} {len(replayed)} dead letters" + (f"; skipped {len(skipped)} cut when stored: {skipped}" if skipped else ""))
+    print(
+        f"{verb} {len(replayed)} dead letters"
+        + (f"; skipped {len(skipped)} cut when stored: {skipped}" if skipped else "")
+    )
     return 0
 
 
 def _parse_since(value: str) -> datetime:
     try:
-        return datetime.fromtimestamp(float(value), timezone.utc)
+        return datetime.fromtimestamp(float(value), UTC)
     except ValueError:
         parsed = datetime.fromisoformat(value)
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)

@@ -65,7 +65,7 @@ class ConsumerLock:
                 self._redis.set(self.key, self._token, px=self._ttl_ms)
                 break
             if time.monotonic() > deadline:
-                host, pid, _ = (holder.split("|") + ["?", "?", "?"])[:3]
+                host, pid, _ = ([*holder.split("|"), "?", "?", "?"])[:3]
                 raise StartupError(
                     f"CONSUMER_NAME {self._consumer!r} is in use by a live worker (host {host}, pid {pid}); "
                     "give each worker its own CONSUMER_NAME"

@@ -17,10 +17,10 @@ nothing is acked.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Callable, Iterable, Iterator
 
 import psycopg
 import structlog
@@ -119,9 +119,7 @@ class DatabaseWriter:
         if version != head or table is None:
             where = f"at revision {version}" if version else "not migrated"
             missing = "" if table else f", table {self._settings.table_name!r} missing"
-            raise StartupError(
-                f"the database schema is {where} (head is {head}){missing}: run ./migrate.sh upgrade"
-            )
+            raise StartupError(f"the database schema is {where} (head is {head}){missing}: run ./migrate.sh upgrade")
 
     def ping(self) -> bool:
         try:
@@ -180,8 +178,9 @@ class DatabaseWriter:
                 self._record(conn, inserted_keys, letters + result.letters, ledger, result, len(rows) + len(letters))
             return result
 
-    def _record(self, conn: psycopg.Connection, keys: Iterable, letters: list, ledger: Ledger, result: WriteResult,
-                entries: int) -> None:
+    def _record(
+        self, conn: psycopg.Connection, keys: Iterable, letters: list, ledger: Ledger, result: WriteResult, entries: int
+    ) -> None:
         """Registry, dead letters and ledger, pipelined into one round trip."""
         with conn.pipeline(), conn.cursor() as cur:
             self._register_sensors(cur, keys)
@@ -276,8 +275,13 @@ class DatabaseWriter:
             " first_seen = least(s.first_seen, excluded.first_seen),"
             " last_seen = greatest(s.last_seen, excluded.last_seen),"
             " readings = s.readings + excluded.readings, last_written_at = now()",
-            [[k[0] for k, _ in ordered], [k[1] for k, _ in ordered],
-             [v[0] for _, v in ordered], [v[1] for _, v in ordered], [v[2] for _, v in ordered]],
+            [
+                [k[0] for k, _ in ordered],
+                [k[1] for k, _ in ordered],
+                [v[0] for _, v in ordered],
+                [v[1] for _, v in ordered],
+                [v[2] for _, v in ordered],
+            ],
         )
 
     def _insert_dead_letters(self, cur: psycopg.Cursor, letters: list, ledger: Ledger) -> None:
@@ -287,10 +291,18 @@ class DatabaseWriter:
             " VALUES (to_timestamp(%s), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             [
                 (
-                    letter.failed_at, letter.original_stream, letter.original_id,
-                    letter.device_id, letter.sensor_type, letter.value, letter.step,
-                    letter.error, ledger.consumer_group,
-                    ledger.consumer, letter.delivery_count, Jsonb(letter.fields),
+                    letter.failed_at,
+                    letter.original_stream,
+                    letter.original_id,
+                    letter.device_id,
+                    letter.sensor_type,
+                    letter.value,
+                    letter.step,
+                    letter.error,
+                    ledger.consumer_group,
+                    ledger.consumer,
+                    letter.delivery_count,
+                    Jsonb(letter.fields),
                 )
                 for letter in letters
             ],
@@ -300,8 +312,16 @@ class DatabaseWriter:
         cur.execute(
             "INSERT INTO db_writer_batches (consumer_group, consumer, entries, rows_inserted,"
             " streams, first_ids, last_ids, counts) VALUES (%s, %s, %s, %s, %b, %b, %b, %b)",  # binary arrays: no escaping
-            [ledger.consumer_group, ledger.consumer, entries, inserted,
-             ledger.streams, ledger.first_ids, ledger.last_ids, ledger.counts],
+            [
+                ledger.consumer_group,
+                ledger.consumer,
+                entries,
+                inserted,
+                ledger.streams,
+                ledger.first_ids,
+                ledger.last_ids,
+                ledger.counts,
+            ],
         )
 
 

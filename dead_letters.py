@@ -15,7 +15,6 @@ from typing import NamedTuple
 
 import schema
 
-
 KEPT_FIELDS = 200
 KEPT_BYTES = 64 * 1024
 OMITTED = "db_writer:omitted"
@@ -82,7 +81,10 @@ def encode_fields(fields: dict) -> dict:
             break
         raw = value if isinstance(value, bytes) else str(value).encode("utf-8", "surrogatepass")
         if len(raw) > KEPT_BYTES:
-            encoded[_json_key(key)] = {"truncated_from": len(raw), "base64": base64.b64encode(raw[:KEPT_BYTES]).decode()}
+            encoded[_json_key(key)] = {
+                "truncated_from": len(raw),
+                "base64": base64.b64encode(raw[:KEPT_BYTES]).decode(),
+            }
         else:
             encoded[_json_key(key)] = _json_value(raw)
     return encoded

@@ -58,8 +58,9 @@ class Device:
         self.device_id = f"esp32-{place}"
         self.firmware = f"1.{rng.randint(2, 5)}.{rng.randint(0, 9)}"
         self.rssi = rng.randint(-80, -45)
-        self.level = {name: typical + rng.uniform(-spread, spread) / 2
-                      for name, (typical, spread, *_rest) in SENSORS.items()}  # fmt: skip
+        self.level = {
+            name: typical + rng.uniform(-spread, spread) / 2 for name, (typical, spread, *_rest) in SENSORS.items()
+        }
 
     def read(self, sensor: str, rng: random.Random) -> float:
         """A random walk that drifts back to the typical value, kept within the sensor's range."""
@@ -77,10 +78,15 @@ def now_iso() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=5, help="simulated devices (default 5)")
-    parser.add_argument("--interval", type=float, default=2.0,
-                        help="seconds between rounds; each device sends every sensor once a round (default 2)")
-    parser.add_argument("--bad-every", type=int, default=40,
-                        help="every Nth reading is bad on purpose; 0 for none (default 40)")
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=2.0,
+        help="seconds between rounds; each device sends every sensor once a round (default 2)",
+    )
+    parser.add_argument(
+        "--bad-every", type=int, default=40, help="every Nth reading is bad on purpose; 0 for none (default 40)"
+    )
     parser.add_argument("--count", type=int, default=0, help="stop after this many rounds (default: run until stopped)")
     parser.add_argument("--prefix", default="mqtt_stream:", help="stream name prefix (default mqtt_stream:)")
     parser.add_argument("--seed", type=int, default=None, help="random seed, for repeatable values")
@@ -101,12 +107,17 @@ def main(argv: list[str] | None = None) -> int:
     url = redis_url()
     client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
     streams = len(devices) * len(SENSORS)
-    print(f"publishing {len(devices)} devices x {', '.join(SENSORS)} every {args.interval:g} s "
-          f"({streams / args.interval:.1f} readings/s) to {args.prefix}{{device_id}}:{{sensor_type}} "
-          f"on {masked(url)}", flush=True)  # fmt: skip
+    print(
+        f"publishing {len(devices)} devices x {', '.join(SENSORS)} every {args.interval:g} s "
+        f"({streams / args.interval:.1f} readings/s) to {args.prefix}{{device_id}}:{{sensor_type}} "
+        f"on {masked(url)}",
+        flush=True,
+    )
     if args.bad_every:
-        print(f"every {args.bad_every}th reading is bad on purpose: it goes to the dead-letter stream, not the table",
-              flush=True)
+        print(
+            f"every {args.bad_every}th reading is bad on purpose: it goes to the dead-letter stream, not the table",
+            flush=True,
+        )
 
     sent = bad = rounds = seq = 0
     down_since: str | None = None
@@ -118,16 +129,19 @@ def main(argv: list[str] | None = None) -> int:
                 fields = {
                     "value": f"{device.read(sensor, rng):.2f}",
                     "timestamp": now_iso(),
-                    "metadata": json.dumps({"unit": unit, "firmware": device.firmware,
-                                            "rssi": device.rssi + rng.randint(-3, 3)}),
-                }  # fmt: skip
+                    "metadata": json.dumps(
+                        {"unit": unit, "firmware": device.firmware, "rssi": device.rssi + rng.randint(-3, 3)}
+                    ),
+                }
                 stream = f"{args.prefix}{device.device_id}:{sensor}"
                 seq += 1
                 if args.bad_every and seq % args.bad_every == 0:
                     what, broken = rng.choice(BAD_READINGS)
                     fields.update(broken)
-                    notes.append(f"sent a bad reading on purpose to {stream} ({what}: "
-                                 f"{', '.join(f'{k}={v!r}' for k, v in broken.items())})")  # fmt: skip
+                    notes.append(
+                        f"sent a bad reading on purpose to {stream} ({what}: "
+                        f"{', '.join(f'{k}={v!r}' for k, v in broken.items())})"
+                    )
                 pipe.xadd(stream, fields, maxlen=STREAM_MAXLEN, approximate=True)
         try:
             pipe.execute()

@@ -12,8 +12,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import psycopg
 import redis
@@ -129,7 +130,9 @@ class DatabaseWriterService:
 
         def reject(index: int, reason: str) -> dead_letters.DeadLetter:
             stream, entry_id, fields = sources[index]
-            return dead_letters.make(stream, entry_id, fields, "write", reason, batch.deliveries.get((stream, entry_id), 1))
+            return dead_letters.make(
+                stream, entry_id, fields, "write", reason, batch.deliveries.get((stream, entry_id), 1)
+            )
 
         written = time.perf_counter()
         result = self._retry(lambda: self.writer.write(rows, letters, _ledger(self.settings, sources), reject))
@@ -148,11 +151,19 @@ class DatabaseWriterService:
         stats.batches_processed += 1
         stats.last_batch_at = time.time()
         if self.metrics is not None:
-            self.metrics.observe_batch(done - started, len(batch.entries), result.inserted, result.duplicates,
-                                       [letter.step for letter in letters])
+            self.metrics.observe_batch(
+                done - started,
+                len(batch.entries),
+                result.inserted,
+                result.duplicates,
+                [letter.step for letter in letters],
+            )
         if batch.trimmed:
-            log.warning("pending entries were deleted from their stream before being written; acked away",
-                        count=len(batch.trimmed), entries=[f"{s.decode(errors='replace')}/{i.decode()}" for s, i in batch.trimmed[:10]])
+            log.warning(
+                "pending entries were deleted from their stream before being written; acked away",
+                count=len(batch.trimmed),
+                entries=[f"{s.decode(errors='replace')}/{i.decode()}" for s, i in batch.trimmed[:10]],
+            )
         log.info(
             "Processed batch",
             source=batch.source,
@@ -177,15 +188,25 @@ class DatabaseWriterService:
             stream, entry_id, fields = entry
             if deliveries and deliveries.get((stream, entry_id), 1) > max_retries:
                 count = deliveries[(stream, entry_id)]
-                letters.append(dead_letters.make(
-                    stream, entry_id, fields, "deliver",
-                    f"delivered {count} times without being written (MAX_RETRIES={max_retries})", count))
+                letters.append(
+                    dead_letters.make(
+                        stream,
+                        entry_id,
+                        fields,
+                        "deliver",
+                        f"delivered {count} times without being written (MAX_RETRIES={max_retries})",
+                        count,
+                    )
+                )
                 continue
             try:
                 rows.append(to_row(stream, entry_id, fields))
             except invalid as exc:
-                letters.append(dead_letters.make(
-                    stream, entry_id, fields, exc.step, exc.reason, deliveries.get((stream, entry_id), 1)))
+                letters.append(
+                    dead_letters.make(
+                        stream, entry_id, fields, exc.step, exc.reason, deliveries.get((stream, entry_id), 1)
+                    )
+                )
                 continue
             sources.append(entry)
         return rows, sources, letters
@@ -243,8 +264,9 @@ class DatabaseWriterService:
         self.reader = redis_reader.StreamReader(self._redis, settings)
         self.writer = DatabaseWriter(settings)
         try:
-            self._lock = ConsumerLock(self._redis, settings.consumer_group_name, settings.consumer_name,
-                                      settings.consumer_lock_ttl_sec)
+            self._lock = ConsumerLock(
+                self._redis, settings.consumer_group_name, settings.consumer_name, settings.consumer_lock_ttl_sec
+            )
             self._retry(lambda: _redis_call(self._lock.acquire))
             self.writer.open()
             self._retry(lambda: self.writer.check_schema(migrations.head_revision()))
@@ -253,8 +275,14 @@ class DatabaseWriterService:
             self._teardown()
             raise
         self.running = True
-        log.info("started", consumer=settings.consumer_name, group=settings.consumer_group_name,
-                 streams=len(self.reader.streams), table=settings.table_name, batch_size=settings.batch_size)
+        log.info(
+            "started",
+            consumer=settings.consumer_name,
+            group=settings.consumer_group_name,
+            streams=len(self.reader.streams),
+            table=settings.table_name,
+            batch_size=settings.batch_size,
+        )
 
     def _teardown(self) -> None:
         """Release the name first (a replacement may start), then the pool, then Redis."""

@@ -32,10 +32,18 @@ class Metrics:
         self.dead_letters = Counter("dbwriter_dead_letters", "Dead letters, by step", ["step"], registry=r)
         self.batches = Counter("dbwriter_batches", "Batches committed and acked", registry=r)
         self.errors = Counter("dbwriter_transient_errors", "Transient errors met (each retried)", registry=r)
-        self.batch_seconds = Histogram("dbwriter_batch_duration_seconds", "Transform + write + ack of one batch",
-                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
-        self.batch_size = Histogram("dbwriter_batch_size", "Entries per batch",
-                                    buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000), registry=r)
+        self.batch_seconds = Histogram(
+            "dbwriter_batch_duration_seconds",
+            "Transform + write + ack of one batch",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "dbwriter_batch_size",
+            "Entries per batch",
+            buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
+            registry=r,
+        )
 
     def observe_batch(self, seconds: float, entries: int, inserted: int, duplicates: int, steps: list[str]) -> None:
         self.read.inc(entries)
@@ -72,7 +80,9 @@ class _StreamCollector:
                 settings = self._service.settings
                 try:
                     client = redis_reader.connect(settings)
-                    streams = redis_reader.discover(client, settings.stream_pattern, settings.dead_letter_stream.encode())
+                    streams = redis_reader.discover(
+                        client, settings.stream_pattern, settings.dead_letter_stream.encode()
+                    )
                     rows = redis_reader.group_status(client, streams, settings.consumer_group_name)
                     client.close()
                 except Exception:  # a scrape must answer even with Redis down; health says why

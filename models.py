@@ -133,7 +133,7 @@ class Sensor(Base):
 
     # No index on last_seen: each batch updates these rows, and unindexed columns (with room
     # left on the page) make those HOT updates, without index churn. Status scans the table.
-    __table_args__ = {"postgresql_with": {"fillfactor": "50"}}
+    __table_args__ = {"postgresql_with": {"fillfactor": "50"}}  # noqa: RUF012 - SQLAlchemy reads it once
 
 
 def metadata_for(table_name: str = READINGS_TABLE) -> MetaData:

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 import redis
 import structlog
@@ -65,6 +65,7 @@ class StreamStatus:
 
 def group_status(client: redis.Redis, streams: list[bytes], group: str) -> list[StreamStatus]:
     """Length, lag and pending entries of each stream, in three pipelined round trips."""
+
     def pipelined(call) -> list:
         pipe = client.pipeline(transaction=False)
         for stream in streams:
@@ -76,17 +77,21 @@ def group_status(client: redis.Redis, streams: list[bytes], group: str) -> list[
     summaries = pipelined(lambda pipe, stream: pipe.xpending(stream, group))
     now_ms = time.time() * 1000
     result = []
-    for stream, length, infos, summary in zip(streams, lengths, groups, summaries):
+    for stream, length, infos, summary in zip(streams, lengths, groups, summaries, strict=True):
         info = next((g for g in infos if as_text(g.get("name")) == group), None) if isinstance(infos, list) else None
         if info is None or isinstance(summary, Exception):
             result.append(StreamStatus(as_text(stream), length, length, {}, None))  # no group yet: all of it waits
             continue
         oldest = summary.get("min")
-        result.append(StreamStatus(
-            as_text(stream), length, info.get("lag"),
-            {as_text(c["name"]): int(c["pending"]) for c in summary.get("consumers") or []},
-            round((now_ms - id_key(oldest)[0]) / 1000, 3) if oldest else None,
-        ))
+        result.append(
+            StreamStatus(
+                as_text(stream),
+                length,
+                info.get("lag"),
+                {as_text(c["name"]): int(c["pending"]) for c in summary.get("consumers") or []},
+                round((now_ms - id_key(oldest)[0]) / 1000, 3) if oldest else None,
+            )
+        )
     return result
 
 
@@ -158,7 +163,7 @@ class StreamReader:
         pipe = self._redis.pipeline(transaction=False)
         for stream in streams:
             pipe.xgroup_create(stream, self._group, id="0")
-        for stream, result in zip(streams, pipe.execute(raise_on_error=False)):
+        for result in pipe.execute(raise_on_error=False):
             if isinstance(result, redis.ResponseError) and "BUSYGROUP" not in str(result):
                 raise result
 
@@ -229,7 +234,7 @@ class StreamReader:
             for stream in self.streams:
                 pipe.xautoclaim(stream, self._group, self._consumer, self._claim_idle_ms, "0-0", count=count)
             replies = pipe.execute(raise_on_error=False)
-        for stream, reply in zip(self.streams, replies):
+        for stream, reply in zip(self.streams, replies, strict=True):
             if isinstance(reply, Exception):
                 continue  # NOGROUP on a stream deleted meanwhile: the next refresh drops it
             _, claimed, deleted = reply
@@ -281,7 +286,7 @@ class StreamReader:
             replies = pipe.execute()
         return {
             (stream, item["message_id"]): item["times_delivered"]
-            for stream, reply in zip(by_stream, replies)
+            for stream, reply in zip(by_stream, replies, strict=True)
             for item in reply
         }
 

@@ -59,12 +59,12 @@ import re
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
-MAX_NAME_LENGTH = 100        # device_id / sensor_type are VARCHAR(100)
-MAX_STREAM_BYTES = 1024      # room for two 100-character names even in 4-byte UTF-8
-MAX_NUMBER_LENGTH = 64       # value / timestamp text; rejects a 1 MB "number" unread
-MAX_METADATA_BYTES = 65536   # metadata plus extra fields, as received
-MAX_METADATA_DEPTH = 64      # far beyond real metadata, far below Python's and PostgreSQL's stack limits
-MAX_FIELDS = 100             # checked before looking at any field, so 10,000 fields cost nothing
+MAX_NAME_LENGTH = 100  # device_id / sensor_type are VARCHAR(100)
+MAX_STREAM_BYTES = 1024  # room for two 100-character names even in 4-byte UTF-8
+MAX_NUMBER_LENGTH = 64  # value / timestamp text; rejects a 1 MB "number" unread
+MAX_METADATA_BYTES = 65536  # metadata plus extra fields, as received
+MAX_METADATA_DEPTH = 64  # far beyond real metadata, far below Python's and PostgreSQL's stack limits
+MAX_FIELDS = 100  # checked before looking at any field, so 10,000 fields cost nothing
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _EPOCH_MS_FROM = 1e11
@@ -73,9 +73,14 @@ _DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)
 _JSON_WS = " \t\n\r"
 _LEAP_SECOND = re.compile(r"[0-9]{2}:[0-9]{2}:60")
 _NONZERO_MANTISSA = re.compile(r"-?[0.]*[1-9]")
-_KNOWN_FIELDS = {b"value": "value", "value": "value",
-                 b"timestamp": "timestamp", "timestamp": "timestamp",
-                 b"metadata": "metadata", "metadata": "metadata"}
+_KNOWN_FIELDS = {
+    b"value": "value",
+    "value": "value",
+    b"timestamp": "timestamp",
+    "timestamp": "timestamp",
+    b"metadata": "metadata",
+    "metadata": "metadata",
+}
 
 
 class InvalidEntry(ValueError):
@@ -117,7 +122,7 @@ def _parse_stream(stream, prefix: str) -> tuple[str, str]:
     name = _text(stream, "stream name", MAX_STREAM_BYTES)
     if not name.startswith(prefix):
         raise InvalidEntry("parse", f"stream name does not start with {prefix!r}")
-    device_id, _, sensor_type = name[len(prefix):].partition(":")
+    device_id, _, sensor_type = name[len(prefix) :].partition(":")
     if not device_id:
         raise InvalidEntry("parse", "stream name has an empty device_id")
     if not sensor_type:

@@ -53,12 +53,11 @@ import psycopg.conninfo
 import redis
 from psycopg import sql
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT / "tests"))
-import servers  # the tests' embedded-server helpers: ChildServer, readiness checks, ports
-
+import embedded_servers as servers
 from config import Settings, load_settings, mask_url
 from errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent
 
 DEFAULT_REDIS_PORT = 6380
 DEFAULT_PG_PORT = 5433
@@ -126,9 +125,15 @@ class Child:
         self.echo = echo
         prctl = ctypes.CDLL(None, use_errno=True).prctl
         self.proc = subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM),  # noqa: PLW1509
-        )  # fmt: skip
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM),
+        )
         self._pump = threading.Thread(target=self._copy_output, name=f"{name}-output", daemon=True)
         self._pump.start()
 
@@ -191,11 +196,11 @@ def _port(variable: str, default: int) -> tuple[int, str | None]:
     except ValueError:
         raise Failed(f"{variable}={raw!r}: not a port number") from None
     if port == 0:
-        return servers._free_port(), None
-    if servers._port_open("127.0.0.1", port, timeout_s=0.5):
+        return servers.free_port(), None
+    if servers.port_open("127.0.0.1", port, timeout_s=0.5):
         if raw:
             raise Failed(f"{variable}={port}: something else already listens on 127.0.0.1:{port}")
-        free = servers._free_port()
+        free = servers.free_port()
         return free, f"port {port} is taken, using {free} (set {variable} to choose)"
     return port, None
 
@@ -243,22 +248,42 @@ def start_postgres(stack: ExitStack, base: Path, port: int, log_dir: Path) -> se
     base.mkdir(parents=True, exist_ok=True)
     if run_as:
         os.chown(base, run_as["user"], run_as["group"])
-        probe = subprocess.run(["sh", "-c", 'test -w "$1" && "$2" --version', "sh", base, bin_dir / "postgres"],
-                               check=False, capture_output=True, **run_as)  # fmt: skip
+        probe = subprocess.run(
+            ["sh", "-c", 'test -w "$1" && "$2" --version', "sh", base, bin_dir / "postgres"],
+            check=False,
+            capture_output=True,
+            **run_as,
+        )
         if probe.returncode != 0:
-            raise Failed(f"PostgreSQL refuses to run as root, so it runs as 'nobody', which cannot reach {base} or "
-                         f"{bin_dir}: make their parent directories searchable (chmod o+x), point STANDALONE_DIR "
-                         "elsewhere, or run as a normal user")  # fmt: skip
+            raise Failed(
+                f"PostgreSQL refuses to run as root, so it runs as 'nobody', which cannot reach {base} or "
+                f"{bin_dir}: make their parent directories searchable (chmod o+x), point STANDALONE_DIR "
+                "elsewhere, or run as a normal user"
+            )
     data = base / "data"
     if not (data / "PG_VERSION").exists():
         say(f"PostgreSQL: first start, creating its data directory {_shown(data)} (initdb) ...")
         scratch = base / "data.initdb"
         shutil.rmtree(scratch, ignore_errors=True)  # left by an interrupted first start
         initdb = subprocess.run(
-            [bin_dir / "initdb", "-D", scratch, "-U", "postgres", "--auth=trust", "--no-locale",
-             "--encoding=UTF8", "--no-instructions"],
-            check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, **run_as,
-        )  # fmt: skip
+            [
+                bin_dir / "initdb",
+                "-D",
+                scratch,
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-locale",
+                "--encoding=UTF8",
+                "--no-instructions",
+            ],
+            check=False,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            **run_as,
+        )
         if initdb.returncode != 0:
             raise Failed(f"initdb failed:\n{initdb.stderr.strip()}")
         with open(scratch / "postgresql.conf", "a") as conf:
@@ -267,8 +292,13 @@ def start_postgres(stack: ExitStack, base: Path, port: int, log_dir: Path) -> se
         scratch.rename(data)
     info = servers.PostgresServerInfo("embedded", f"postgresql://postgres@127.0.0.1:{port}/postgres")
     # SIGINT is PostgreSQL's fast shutdown: sessions are ended, committed data is kept.
-    server = servers.ChildServer([str(bin_dir / "postgres"), "-D", str(data), "-p", str(port)],
-                                 log_dir / "postgres.log", signal.SIGINT, info.answers, run_as)  # fmt: skip
+    server = servers.ChildServer(
+        [str(bin_dir / "postgres"), "-D", str(data), "-p", str(port)],
+        log_dir / "postgres.log",
+        signal.SIGINT,
+        info.answers,
+        run_as,
+    )
     return _start(stack, "PostgreSQL", server, info, port, data)
 
 
@@ -276,8 +306,21 @@ def start_valkey(stack: ExitStack, base: Path, port: int, log_dir: Path) -> serv
     """Valkey with an append-only file in base: what was published and not yet written survives a restart."""
     base.mkdir(parents=True, exist_ok=True)
     info = servers.RedisServerInfo("embedded", f"redis://127.0.0.1:{port}/0")
-    argv = [str(_valkey_bin() / "valkey-server"), "--bind", "127.0.0.1", "--port", str(port),
-            "--dir", str(base), "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""]  # fmt: skip
+    argv = [
+        str(_valkey_bin() / "valkey-server"),
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dir",
+        str(base),
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "everysec",
+        "--save",
+        "",
+    ]
     server = servers.ChildServer(argv, log_dir / "valkey.log", signal.SIGTERM, info.answers)
     return _start(stack, "Valkey", server, info, port, base)
 
@@ -330,8 +373,9 @@ def migrate(env: dict[str, str], log_dir: Path) -> None:
         env = {**env, "UV_NO_SYNC": "1", "UV_OFFLINE": "1"}
     else:
         argv = [sys.executable, str(ROOT / "migrations.py"), "upgrade"]
-    result = subprocess.run(argv, check=False, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                            text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        argv, check=False, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300
+    )
     output = (result.stdout + result.stderr).strip()
     with open(log_dir / "migrate.log", "a") as log:
         log.write(output + "\n")
@@ -398,8 +442,10 @@ class Progress:
         if self.first_rows_at is None and self.first is not None and rows > self.first[0]:
             self.first_rows_at = now
             say(f"first new rows {now - self.started:.1f} s after the workers started")
-        say(f"{rows:,} rows in {self.table} (+{rows - previous_rows:,} in {now - self.last_at:.1f} s), "
-            f"{letters:,} in {self.dead_letter_stream}")  # fmt: skip
+        say(
+            f"{rows:,} rows in {self.table} (+{rows - previous_rows:,} in {now - self.last_at:.1f} s), "
+            f"{letters:,} in {self.dead_letter_stream}"
+        )
         self.last, self.last_at = counts, now
 
     def close(self) -> None:
@@ -415,10 +461,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="run-standalone.sh", description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", action="store_true", help="also run demo_producer.py (simulated sensors)")
     parser.add_argument("--workers", metavar="N", help=f"number of workers (default: WORKERS or {DEFAULT_WORKERS})")
-    parser.add_argument("--quiet", action="store_true",
-                        help="keep worker and producer output in the log files only")
-    parser.add_argument("--embedded", action="store_true",
-                        help="always use the embedded servers, whatever REDIS_*/DATABASE_URL/DB_* say")
+    parser.add_argument("--quiet", action="store_true", help="keep worker and producer output in the log files only")
+    parser.add_argument(
+        "--embedded",
+        action="store_true",
+        help="always use the embedded servers, whatever REDIS_*/DATABASE_URL/DB_* say",
+    )
     args = parser.parse_args(argv)
     signals = Signals()
     started = time.monotonic()
@@ -453,8 +501,10 @@ def run(args: argparse.Namespace, signals: Signals, started: float, stack: ExitS
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.seek(0)
-        raise Failed(f"another run-standalone.sh (pid {lock.read().strip() or '?'}) is using {data_dir}; "
-                     "stop it first (Ctrl-C in its terminal)") from None  # fmt: skip
+        raise Failed(
+            f"another run-standalone.sh (pid {lock.read().strip() or '?'}) is using {data_dir}; "
+            "stop it first (Ctrl-C in its terminal)"
+        ) from None
     lock.truncate(0)
     lock.write(f"{os.getpid()}\n")
     lock.flush()
@@ -481,8 +531,10 @@ def run(args: argparse.Namespace, signals: Signals, started: float, stack: ExitS
     except ConfigError as exc:
         raise Failed(str(exc)) from None
 
-    say(f"db-writer standalone: Redis, PostgreSQL, migrations and {workers} worker(s) on this machine "
-        f"(data in {_shown(data_dir)})")  # fmt: skip
+    say(
+        f"db-writer standalone: Redis, PostgreSQL, migrations and {workers} worker(s) on this machine "
+        f"(data in {_shown(data_dir)})"
+    )
     for note in filter(None, notes):
         say(note)
     env_file = data_dir / "env"
@@ -500,8 +552,9 @@ def run(args: argparse.Namespace, signals: Signals, started: float, stack: ExitS
         _check_redis(settings)
     stack.callback(_stop_children, children, signals.force, settings, exit_codes)  # runs before the servers stop
     if args.demo:  # needs only Redis: it starts while the migrations run
-        children.append(Child("demo", [sys.executable, str(ROOT / "demo_producer.py")], env, log_dir,
-                              echo=not args.quiet))  # fmt: skip
+        children.append(
+            Child("demo", [sys.executable, str(ROOT / "demo_producer.py")], env, log_dir, echo=not args.quiet)
+        )
     if ensure_database(settings.postgres_dsn):
         say(f"database {psycopg.conninfo.conninfo_to_dict(settings.postgres_dsn)['dbname']} created")
     migrate(env, log_dir)
@@ -511,8 +564,10 @@ def run(args: argparse.Namespace, signals: Signals, started: float, stack: ExitS
     stack.callback(progress.close)
     earlier = progress.baseline()
     if earlier and earlier[0]:
-        say(f"{earlier[0]:,} rows in {settings.table_name} from earlier runs, {earlier[1]:,} in "
-            f"{settings.dead_letter_stream}")  # fmt: skip
+        say(
+            f"{earlier[0]:,} rows in {settings.table_name} from earlier runs, {earlier[1]:,} in "
+            f"{settings.dead_letter_stream}"
+        )
     if args.demo:
         _wait_for_streams(settings, children[0])
     metrics_port = settings.metrics_port
@@ -520,15 +575,18 @@ def run(args: argparse.Namespace, signals: Signals, started: float, stack: ExitS
         worker_env = {**env, "CONSUMER_NAME": f"standalone-{n}"}
         if metrics_port:  # one port each
             worker_env["METRICS_PORT"] = str(metrics_port + n - 1)
-        children.append(Child(f"standalone-{n}", [sys.executable, str(ROOT / "main.py")], worker_env, log_dir,
-                              echo=not args.quiet))  # fmt: skip
+        children.append(
+            Child(f"standalone-{n}", [sys.executable, str(ROOT / "main.py")], worker_env, log_dir, echo=not args.quiet)
+        )
     progress.started = time.monotonic()
     _banner(args, settings, data_dir, log_dir, own_redis and own_postgres, workers, time.monotonic() - started)
     while True:
         for child in children:
             if child.proc.poll() is not None:
-                raise Failed(f"{child.name} exited with status {child.proc.returncode}; "
-                             f"last lines of {_shown(child.log_path)}:\n{child.tail()}")  # fmt: skip
+                raise Failed(
+                    f"{child.name} exited with status {child.proc.returncode}; "
+                    f"last lines of {_shown(child.log_path)}:\n{child.tail()}"
+                )
         progress.tick()
         time.sleep(0.2)
 
@@ -579,19 +637,25 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def _banner(args, settings: Settings, data_dir: Path, log_dir: Path, all_embedded: bool, workers: int,
-            elapsed_s: float) -> None:  # fmt: skip
+def _banner(
+    args, settings: Settings, data_dir: Path, log_dir: Path, all_embedded: bool, workers: int, elapsed_s: float
+) -> None:
     psql = "psql" if shutil.which("psql") else shlex.quote(str(_pg_bin() / "psql"))
     cli = next((name for name in ("redis-cli", "valkey-cli") if shutil.which(name)), None)
     if cli is None:
         cli = shlex.quote(str(_valkey_bin() / "valkey-cli"))
-    query = (f"SELECT device_id, sensor_type, count(*), max(timestamp) AS latest FROM {settings.table_name} "
-             "GROUP BY 1, 2 ORDER BY 1, 2")  # fmt: skip
+    query = (
+        f"SELECT device_id, sensor_type, count(*), max(timestamp) AS latest FROM {settings.table_name} "
+        "GROUP BY 1, 2 ORDER BY 1, 2"
+    )
     names = ", ".join(f"standalone-{n}" for n in range(1, workers + 1))
     rule = "-" * 78
     say(rule)
-    say(f"Running {workers} worker(s) ({names})" + (" and the demo producer" if args.demo else "")
-        + f"; ready in {elapsed_s:.1f} s.")  # fmt: skip
+    say(
+        f"Running {workers} worker(s) ({names})"
+        + (" and the demo producer" if args.demo else "")
+        + f"; ready in {elapsed_s:.1f} s."
+    )
     say(f"  REDIS_URL={mask_url(settings.redis_dsn)}")
     say(f"  DATABASE_URL={mask_url(settings.postgres_dsn)}")
     say("Look at it from another terminal, in this directory:")
@@ -600,8 +664,8 @@ def _banner(args, settings: Settings, data_dir: Path, log_dir: Path, all_embedde
     else:
         say("  (with REDIS_URL and DATABASE_URL set as above, passwords included)")
     say("  uv run main.py status")
-    say(f"  {psql} \"$DATABASE_URL\" -c {shlex.quote(query)}")
-    say(f"  {cli} -u \"$REDIS_URL\" XREVRANGE {settings.dead_letter_stream} + - COUNT 3    # the latest dead letters")
+    say(f'  {psql} "$DATABASE_URL" -c {shlex.quote(query)}')
+    say(f'  {cli} -u "$REDIS_URL" XREVRANGE {settings.dead_letter_stream} + - COUNT 3    # the latest dead letters')
     say(f"Logs: {_shown(log_dir)}/. Ctrl-C stops everything; the data stays in {_shown(data_dir)}/ for the next start.")
     say(rule)
 

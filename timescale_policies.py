@@ -28,11 +28,13 @@ def apply(connection: Connection, settings: Settings) -> list[str]:
     connection.execute(text("SELECT remove_compression_policy(CAST(:t AS regclass), if_exists => true)"), {"t": table})
     if settings.timescale_compress_after:
         if not enabled:
-            connection.execute(text(
-                f"ALTER TABLE {table} SET (timescaledb.compress,"
-                " timescaledb.compress_segmentby = 'device_id, sensor_type',"
-                " timescaledb.compress_orderby = 'timestamp DESC')"
-            ))
+            connection.execute(
+                text(
+                    f"ALTER TABLE {table} SET (timescaledb.compress,"
+                    " timescaledb.compress_segmentby = 'device_id, sensor_type',"
+                    " timescaledb.compress_orderby = 'timestamp DESC')"
+                )
+            )
         connection.execute(
             text("SELECT add_compression_policy(CAST(:t AS regclass), compress_after => CAST(:i AS interval))"),
             {"t": table, "i": settings.timescale_compress_after},

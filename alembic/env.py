@@ -9,13 +9,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from alembic import context
 from sqlalchemy import create_engine, pool
+
+from alembic import context
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config import load_settings  # noqa: E402
-from models import metadata_for  # noqa: E402
+from config import load_settings
+from models import metadata_for
 
 config = context.config
 if "settings" not in config.attributes:

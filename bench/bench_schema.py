@@ -20,8 +20,13 @@ METADATA = b'{"unit":"C","battery":87,"rssi":-61,"fw":"1.4.2"}'
 CASES = {
     "ISO timestamp, no metadata": {b"value": b"23.5", b"timestamp": ISO},
     "ISO timestamp, metadata": {b"value": b"23.5", b"timestamp": ISO, b"metadata": METADATA},
-    "ISO timestamp, metadata + 2 extra fields": {b"value": b"23.5", b"timestamp": ISO, b"metadata": METADATA,
-                                                 b"unit": b"C", b"room": b"kitchen"},
+    "ISO timestamp, metadata + 2 extra fields": {
+        b"value": b"23.5",
+        b"timestamp": ISO,
+        b"metadata": METADATA,
+        b"unit": b"C",
+        b"room": b"kitchen",
+    },
     "epoch ms timestamp": {b"value": b"23.5", b"timestamp": b"1714566896789"},
     "epoch s timestamp (fractional)": {b"value": b"23.5", b"timestamp": b"1714566896.789"},
     "missing timestamp (entry id)": {b"value": b"23.5"},

@@ -89,6 +89,8 @@ def server_versions() -> dict:
         info = client.info("server")
     with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
         pg = conn.execute("SHOW server_version").fetchone()[0]
-        durability = {name: conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()[0]
-                      for name in ("fsync", "synchronous_commit", "shared_buffers")}
+        durability = {
+            name: conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()[0]
+            for name in ("fsync", "synchronous_commit", "shared_buffers")
+        }
     return {"redis": info.get("redis_version"), "postgresql": pg, **durability}

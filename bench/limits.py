@@ -32,8 +32,13 @@ def parse(stream: bytes, fields: dict) -> tuple:
     """The simplest parse: no validation at all."""
     device, sensor = stream[PREFIX:].decode().split(":", 1)
     meta = fields.get(b"metadata")
-    return (datetime.fromisoformat(fields[b"timestamp"].decode()), device, sensor, float(fields[b"value"]),
-            None if meta is None else Jsonb(meta.decode(), dumps=_as_is))
+    return (
+        datetime.fromisoformat(fields[b"timestamp"].decode()),
+        device,
+        sensor,
+        float(fields[b"value"]),
+        None if meta is None else Jsonb(meta.decode(), dumps=_as_is),
+    )
 
 
 def _reads(client, names: list[bytes]):
@@ -76,9 +81,11 @@ def round_trips(client, url: str, n: int = 200) -> dict:
     """What each round trip of a batch costs on this machine now."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS bench_commit (x int)")
-        return {"redis_ping_ms": _median_ms(client.ping, n),
-                "pg_select_ms": _median_ms(lambda: conn.execute("SELECT 1").fetchone(), n),
-                "pg_commit_ms": _median_ms(lambda: conn.execute("INSERT INTO bench_commit VALUES (1)"), n // 4)}
+        return {
+            "redis_ping_ms": _median_ms(client.ping, n),
+            "pg_select_ms": _median_ms(lambda: conn.execute("SELECT 1").fetchone(), n),
+            "pg_commit_ms": _median_ms(lambda: conn.execute("INSERT INTO bench_commit VALUES (1)"), n // 4),
+        }
 
 
 def raw_redis(client, names: list[bytes]) -> dict:
@@ -91,8 +98,10 @@ def raw_redis(client, names: list[bytes]) -> dict:
 
 def raw_copy(url: str, rows: list[tuple], batch: int = PER_READ) -> dict:
     with psycopg.connect(url) as conn:
-        conn.execute("CREATE TABLE IF NOT EXISTS bench_plain (timestamp timestamptz, device_id text,"
-                     " sensor_type text, value float8, metadata jsonb)")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS bench_plain (timestamp timestamptz, device_id text,"
+            " sensor_type text, value float8, metadata jsonb)"
+        )
         conn.execute("TRUNCATE bench_plain")
         conn.commit()
         started = time.perf_counter()

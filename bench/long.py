@@ -32,8 +32,9 @@ from statistics import median
 import infra
 import psycopg
 import report
-import scenarios
 import workload
+
+import scenarios
 
 BATCH_SIZE = 1000
 DRAIN_STREAMS = 200
@@ -118,11 +119,19 @@ def drain(db_url: str, names: list[bytes], total: int) -> dict:
     if rows != total or left:
         raise RuntimeError(f"drain incomplete: {rows} rows of {total}, {left} entries pending")
     seconds = result["last_batch_at"] - result["started_at"]
-    return {"entries": total, "rows": rows, "seconds": seconds, "rate": total / seconds,
-            "peak_rss_mb": result["peak_rss_mb"], "rss_start_mb": rss_start,
-            "rss_sampled_max_mb": max((mb for _, mb in samples if mb), default=None),
-            "cpu_s": result["cpu_s"], "batches": result["stats"]["batches_processed"],
-            "samples": samples, "code": result["code"]}
+    return {
+        "entries": total,
+        "rows": rows,
+        "seconds": seconds,
+        "rate": total / seconds,
+        "peak_rss_mb": result["peak_rss_mb"],
+        "rss_start_mb": rss_start,
+        "rss_sampled_max_mb": max((mb for _, mb in samples if mb), default=None),
+        "cpu_s": result["cpu_s"],
+        "batches": result["stats"]["batches_processed"],
+        "samples": samples,
+        "code": result["code"],
+    }
 
 
 def steady(db_url: str, names: list[bytes], minutes: float) -> dict:
@@ -159,10 +168,22 @@ def steady(db_url: str, names: list[bytes], minutes: float) -> dict:
     later = [mb for t, mb in samples if t >= warmup and mb] or [mb for _, mb in samples if mb]
     warm = later[0]
     top = max(later)
-    return {"entries": sent, "rows": rows, "offered_rate": sent / took, "seconds": took, "warmup_s": warmup,
-            "rss_warm_mb": warm, "rss_max_mb": top, "rss_last_mb": later[-1], "growth": top / warm - 1,
-            "growth_last": later[-1] / warm - 1, "peak_rss_mb": result["peak_rss_mb"],
-            "cpu_share": result["cpu_s"] / took, "samples": samples, "code": result["code"]}
+    return {
+        "entries": sent,
+        "rows": rows,
+        "offered_rate": sent / took,
+        "seconds": took,
+        "warmup_s": warmup,
+        "rss_warm_mb": warm,
+        "rss_max_mb": top,
+        "rss_last_mb": later[-1],
+        "growth": top / warm - 1,
+        "growth_last": later[-1] / warm - 1,
+        "peak_rss_mb": result["peak_rss_mb"],
+        "cpu_share": result["cpu_s"] / took,
+        "samples": samples,
+        "code": result["code"],
+    }
 
 
 def memory(args: argparse.Namespace) -> dict:
@@ -175,13 +196,21 @@ def memory(args: argparse.Namespace) -> dict:
             infra.reset_groups(client, names)
         infra.reset_database(db_url)
         d = drain(db_url, names, args.backlog)
-        print(f"  drain: {d['rate']:,.0f} entries/s over {d['seconds']:.0f} s, peak RSS {d['peak_rss_mb']:.0f} MB"
-              f" (at start {d['rss_start_mb']:.0f})", flush=True)
-        print(f"memory: steady {STEADY_RATE:,}/s over {STEADY_STREAMS} streams for {args.steady_minutes:g} min ...",
-              flush=True)
+        print(
+            f"  drain: {d['rate']:,.0f} entries/s over {d['seconds']:.0f} s, peak RSS {d['peak_rss_mb']:.0f} MB"
+            f" (at start {d['rss_start_mb']:.0f})",
+            flush=True,
+        )
+        print(
+            f"memory: steady {STEADY_RATE:,}/s over {STEADY_STREAMS} streams for {args.steady_minutes:g} min ...",
+            flush=True,
+        )
         s = steady(db_url, workload.stream_names(STEADY_STREAMS), args.steady_minutes)
-        print(f"  steady: RSS {s['rss_warm_mb']:.1f} MB at {s['warmup_s']:.0f} s, max {s['rss_max_mb']:.1f},"
-              f" last {s['rss_last_mb']:.1f} ({s['growth']:+.1%}); {s['entries']:,} rows", flush=True)
+        print(
+            f"  steady: RSS {s['rss_warm_mb']:.1f} MB at {s['warmup_s']:.0f} s, max {s['rss_max_mb']:.1f},"
+            f" last {s['rss_last_mb']:.1f} ({s['growth']:+.1%}); {s['entries']:,} rows",
+            flush=True,
+        )
     with infra.redis_client() as client:
         client.flushdb()
     return {"drain": d, "steady": s}
@@ -204,11 +233,14 @@ def preload(db_url: str, rows: int) -> float:
                 "  CASE WHEN i %% 10 = 0 THEN jsonb_build_object('unit', 'C', 'battery', i %% 101, 'rssi', -61,"
                 "   'fw', '1.4.2') END"
                 " FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) i",
-                {"t0": workload.T0, "per": per, "lo": lo, "hi": min(rows, lo + 1_000_000) - 1})
+                {"t0": workload.T0, "per": per, "lo": lo, "hi": min(rows, lo + 1_000_000) - 1},
+            )
             print(f"  {min(rows, lo + 1_000_000):,} rows ({time.monotonic() - started:.0f} s)", flush=True)
-        conn.execute("INSERT INTO db_writer_sensors (device_id, sensor_type, first_seen, last_seen, readings)"
-                     " SELECT device_id, sensor_type, min(timestamp), max(timestamp), count(*)"
-                     " FROM sensor_readings GROUP BY 1, 2")
+        conn.execute(
+            "INSERT INTO db_writer_sensors (device_id, sensor_type, first_seen, last_seen, readings)"
+            " SELECT device_id, sensor_type, min(timestamp), max(timestamp), count(*)"
+            " FROM sensor_readings GROUP BY 1, 2"
+        )
         conn.execute("VACUUM ANALYZE")
         conn.execute("CHECKPOINT")
         stored = conn.execute("SELECT count(*) FROM sensor_readings").fetchone()[0]
@@ -246,8 +278,14 @@ def growth(args: argparse.Namespace) -> dict:
                 with infra.redis_client() as client:
                     infra.reset_groups(client, names)
                 r = drain(url, names, GROWTH_ENTRIES)
-                runs.append({"repeat": repeat, "table": table, **{k: v for k, v in r.items() if k != "samples"},
-                             "load1": os.getloadavg()[0]})
+                runs.append(
+                    {
+                        "repeat": repeat,
+                        "table": table,
+                        **{k: v for k, v in r.items() if k != "samples"},
+                        "load1": os.getloadavg()[0],
+                    }
+                )
                 print(f"  [{repeat + 1}/{GROWTH_REPEATS}] {table:<5} table: {r['rate']:>8,.0f} entries/s", flush=True)
     with infra.redis_client() as client:
         client.flushdb()
@@ -255,22 +293,40 @@ def growth(args: argparse.Namespace) -> dict:
     by = {(r["table"], r["repeat"]): r["rate"] for r in runs}
     pairs = [by["full", k] / by["empty", k] for k in range(GROWTH_REPEATS)]
     # as run.py: the median of per-repeat ratios, so a slow patch of the shared machine moves both
-    return {"preload_rows": args.preload_rows, "preload_s": took, "table_mb": size, "entries": GROWTH_ENTRIES,
-            "empty_rate": rate["empty"], "full_rate": rate["full"], "ratio_of_medians": rate["full"] / rate["empty"],
-            "ratio": median(pairs), "ratio_per_repeat": pairs, "runs": runs}
+    return {
+        "preload_rows": args.preload_rows,
+        "preload_s": took,
+        "table_mb": size,
+        "entries": GROWTH_ENTRIES,
+        "empty_rate": rate["empty"],
+        "full_rate": rate["full"],
+        "ratio_of_medians": rate["full"] / rate["empty"],
+        "ratio": median(pairs),
+        "ratio_per_repeat": pairs,
+        "runs": runs,
+    }
 
 
 def targets(result: dict) -> list[dict]:
     rows = []
     if m := result.get("memory"):
         d, s = m["drain"], m["steady"]
-        rows += [(f"drain {d['entries']:,}: worker peak RSS MB", d["peak_rss_mb"], "<=", RSS_LIMIT_MB),
-                 ("steady: worker peak RSS MB", s["peak_rss_mb"], "<=", RSS_LIMIT_MB),
-                 ("steady: RSS growth after warm-up (max / warm - 1)", s["growth"], "<=", FLAT)]
+        rows += [
+            (f"drain {d['entries']:,}: worker peak RSS MB", d["peak_rss_mb"], "<=", RSS_LIMIT_MB),
+            ("steady: worker peak RSS MB", s["peak_rss_mb"], "<=", RSS_LIMIT_MB),
+            ("steady: RSS growth after warm-up (max / warm - 1)", s["growth"], "<=", FLAT),
+        ]
     if g := result.get("growth"):
         rows.append((f"{g['preload_rows']:,}-row table / empty table (rate)", g["ratio"], ">=", GROWTH_GOAL))
-    return [{"target": name, "measured": value, "goal": f"{op} {goal}",
-             "ok": value >= goal if op == ">=" else value <= goal} for name, value, op, goal in rows]
+    return [
+        {
+            "target": name,
+            "measured": value,
+            "goal": f"{op} {goal}",
+            "ok": value >= goal if op == ">=" else value <= goal,
+        }
+        for name, value, op, goal in rows
+    ]
 
 
 def print_table(result: dict, goals: list[dict]) -> None:
@@ -278,22 +334,29 @@ def print_table(result: dict, goals: list[dict]) -> None:
         d, s = m["drain"], m["steady"]
         sampled = "-" if d["rss_sampled_max_mb"] is None else f"{d['rss_sampled_max_mb']:.0f}"
         print(f"\n{'memory':<44} {'value':>19}")
-        for label, value in ((f"drain {d['entries']:,} entries: entries/s", f"{d['rate']:,.0f}"),
-                             ("drain: rows / entries", f"{d['rows']:,} / {d['entries']:,}"),
-                             ("drain: RSS MB at start / sampled max / peak",
-                              f"{d['rss_start_mb']:.0f} / {sampled} / {d['peak_rss_mb']:.0f}"),
-                             (f"steady {s['offered_rate']:,.0f}/s: rows / entries",
-                              f"{s['rows']:,} / {s['entries']:,}"),
-                             (f"steady: RSS MB at {s['warmup_s']:.0f} s / max / last",
-                              f"{s['rss_warm_mb']:.1f} / {s['rss_max_mb']:.1f} / {s['rss_last_mb']:.1f}"),
-                             ("steady: worker CPU share", f"{s['cpu_share']:.0%}")):
+        for label, value in (
+            (f"drain {d['entries']:,} entries: entries/s", f"{d['rate']:,.0f}"),
+            ("drain: rows / entries", f"{d['rows']:,} / {d['entries']:,}"),
+            (
+                "drain: RSS MB at start / sampled max / peak",
+                f"{d['rss_start_mb']:.0f} / {sampled} / {d['peak_rss_mb']:.0f}",
+            ),
+            (f"steady {s['offered_rate']:,.0f}/s: rows / entries", f"{s['rows']:,} / {s['entries']:,}"),
+            (
+                f"steady: RSS MB at {s['warmup_s']:.0f} s / max / last",
+                f"{s['rss_warm_mb']:.1f} / {s['rss_max_mb']:.1f} / {s['rss_last_mb']:.1f}",
+            ),
+            ("steady: worker CPU share", f"{s['cpu_share']:.0%}"),
+        ):
             print(f"{label:<44} {value:>19}")
     if g := result.get("growth"):
         print(f"\n{'growth: entries/s, median of ' + str(GROWTH_REPEATS):<44} {'empty':>9} {'full':>9} {'ratio':>6}")
         label = f"{g['entries']:,} entries, {g['preload_rows']:,} rows ({g['table_mb']:,.0f} MB)"
         print(f"{label:<44} {g['empty_rate']:>9,.0f} {g['full_rate']:>9,.0f} {g['ratio_of_medians']:>6.2f}")
-        print(f"full / empty per repeat: {', '.join(f'{x:.2f}' for x in g['ratio_per_repeat'])}"
-              f" (median {g['ratio']:.2f}, the target's measure)")
+        print(
+            f"full / empty per repeat: {', '.join(f'{x:.2f}' for x in g['ratio_per_repeat'])}"
+            f" (median {g['ratio']:.2f}, the target's measure)"
+        )
     print(f"\n{'target (issue 5)':<56} {'measured':>9} {'goal':>8}  result")
     for t in goals:
         print(f"{t['target']:<56} {t['measured']:>9.2f} {t['goal']:>8}  {'PASS' if t['ok'] else 'FAIL'}")
@@ -314,8 +377,7 @@ def main(argv: list[str]) -> int:
     finally:
         with infra.redis_client() as client:
             client.flushdb()
-    report.finish_meta(meta, [*result.get("memory", {}).values(), *result.get("growth", {}).get("runs", [])],
-                       started)
+    report.finish_meta(meta, [*result.get("memory", {}).values(), *result.get("growth", {}).get("runs", [])], started)
     goals = targets(result)
     print_table(result, goals)
     report.save_json(args.out / "long.json", {"meta": meta, **result, "targets": goals})

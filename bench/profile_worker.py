@@ -26,8 +26,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import infra
-import scenarios
 import workload
+
+import scenarios
 
 OWN = ("main.py", "redis_reader.py", "db_writer.py", "schema.py", "dead_letters.py", "read_ahead.py")
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^():]+):(?P<line>\d+)\)$")
@@ -38,8 +39,20 @@ STEPS = [
     ("transform (schema.to_row)", lambda f, file, src: file == "schema.py" or f == "_transform"),
     ("transform: ledger", lambda f, file, src: f == "_ledger"),
     ("XREADGROUP", lambda f, file, src: f in ("_read", "read_new", "_next_window")),
-    ("rescan/claim/pending", lambda f, file, src: f in ("refresh_streams", "claim_abandoned", "discover",
-                                                        "read_own_pending", "_delivery_counts", "_create_groups")),
+    (
+        "rescan/claim/pending",
+        lambda f, file, src: (
+            f
+            in (
+                "refresh_streams",
+                "claim_abandoned",
+                "discover",
+                "read_own_pending",
+                "_delivery_counts",
+                "_create_groups",
+            )
+        ),
+    ),
     ("XACK", lambda f, file, src: f == "finish"),
     ("write: COPY", lambda f, file, src: f == "_copy_into_table"),
     ("write: staging path (temp table, savepoint, INSERT..SELECT)", lambda f, file, src: f in STAGING),
@@ -99,9 +112,12 @@ def analyse(path: Path, top: int = 12) -> dict:
     def shares(counter: Counter, total: int, limit: int | None = None) -> list:
         return [(k, round(v / total, 4)) for k, v in counter.most_common(limit)]
 
-    return {"samples": dict(totals),
-            "steps": {thread: shares(steps[thread], totals[thread]) for thread in totals},
-            "own_lines": shares(lines, totals["loop"], top), "leaves": shares(leaves, totals["loop"], top)}
+    return {
+        "samples": dict(totals),
+        "steps": {thread: shares(steps[thread], totals[thread]) for thread in totals},
+        "own_lines": shares(lines, totals["loop"], top),
+        "leaves": shares(leaves, totals["loop"], top),
+    }
 
 
 def profile_one(db_url: str, names: list[bytes], total: int, batch_size: int, raw: Path, py_spy: str) -> dict:
@@ -109,16 +125,36 @@ def profile_one(db_url: str, names: list[bytes], total: int, batch_size: int, ra
         infra.reset_groups(client, names)
     infra.reset_database(db_url)
     procs = scenarios.start_workers(db_url, batch_size, 1, until_idle=True)
-    spy = subprocess.Popen([py_spy, "record", "--pid", str(procs[0][0].pid), "--idle", "--rate", "200",
-                            "--format", "raw", "--output", str(raw)], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
+    spy = subprocess.Popen(
+        [
+            py_spy,
+            "record",
+            "--pid",
+            str(procs[0][0].pid),
+            "--idle",
+            "--rate",
+            "200",
+            "--format",
+            "raw",
+            "--output",
+            str(raw),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(1.5)  # let py-spy attach
     procs[0][1].send("go")
     result = scenarios.finish_workers(procs, timeout=900)[0]
     spy.wait(60)
     seconds = result["last_batch_at"] - result["started_at"]
-    return {"batch_size": batch_size, "rate": total / seconds, "cpu_share": result["cpu_s"] / seconds,
-            "code": result["code"], **analyse(raw)}
+    return {
+        "batch_size": batch_size,
+        "rate": total / seconds,
+        "cpu_share": result["cpu_s"] / seconds,
+        "code": result["code"],
+        **analyse(raw),
+    }
 
 
 def main(argv: list[str]) -> int:
@@ -142,9 +178,11 @@ def main(argv: list[str]) -> int:
             for batch_size in args.batch_size:
                 raw = args.out / f"profile-s{args.streams}-b{batch_size}.txt"
                 report = profile_one(db_url, names, args.entries, batch_size, raw, py_spy)
-                print(f"\n{args.streams} streams, BATCH_SIZE {batch_size}: {report['rate']:,.0f} entries/s under"
-                      f" py-spy, worker CPU {report['cpu_share']:.0%} of wall, samples {report['samples']},"
-                      f" code {report['code']}")
+                print(
+                    f"\n{args.streams} streams, BATCH_SIZE {batch_size}: {report['rate']:,.0f} entries/s under"
+                    f" py-spy, worker CPU {report['cpu_share']:.0%} of wall, samples {report['samples']},"
+                    f" code {report['code']}"
+                )
                 for thread, steps in report["steps"].items():
                     print(f"  {thread} thread, by step:")
                     for name, share in steps:

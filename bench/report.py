@@ -10,15 +10,33 @@ from datetime import UTC, datetime
 from pathlib import Path
 from statistics import median
 
-NUMBERS = ("rate", "seconds", "startup_s", "cpu_s", "offered_rate", "mean_batch",
-           "p50_ms", "p95_ms", "p99_ms", "max_ms", "redis_ping_ms", "pg_select_ms", "pg_commit_ms")
+NUMBERS = (
+    "rate",
+    "seconds",
+    "startup_s",
+    "cpu_s",
+    "offered_rate",
+    "mean_batch",
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "max_ms",
+    "redis_ping_ms",
+    "pg_select_ms",
+    "pg_commit_ms",
+)
 
 
 def start_meta(args, servers: dict) -> dict:
     """When, on what and how busy: the machine is shared, so every result carries it."""
-    return {"started": datetime.now(UTC).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "load_before": os.getloadavg(), **servers,
-            "args": {k: v for k, v in vars(args).items() if k != "out"}}
+    return {
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_before": os.getloadavg(),
+        **servers,
+        "args": {k: v for k, v in vars(args).items() if k != "out"},
+    }
 
 
 def finish_meta(meta: dict, runs: list[dict], started: float) -> None:
@@ -75,9 +93,15 @@ def targets(runs: list[dict], summary: dict, streams: int, many: int) -> list[di
             rows += [(f"{s['label']}: p50 ms", s["p50_ms"], "<=", 15), (f"{s['label']}: p99 ms", s["p99_ms"], "<=", 50)]
     rss = [s["peak_rss_mb"] for s in summary.values() if s["kind"] in ("drain", "latency")]
     rows.append(("worker peak RSS MB (worst scenario)", max(rss) if rss else None, "<=", 150))
-    return [{"target": name, "measured": value, "goal": f"{op} {goal}",
-             "ok": None if value is None else (value >= goal if op == ">=" else value <= goal)}
-            for name, value, op, goal in rows]
+    return [
+        {
+            "target": name,
+            "measured": value,
+            "goal": f"{op} {goal}",
+            "ok": None if value is None else (value >= goal if op == ">=" else value <= goal),
+        }
+        for name, value, op, goal in rows
+    ]
 
 
 def _f(value, fmt: str) -> str:
@@ -85,27 +109,37 @@ def _f(value, fmt: str) -> str:
 
 
 def print_table(summary: dict, goals: list[dict]) -> None:
-    print(f"\n{'scenario':<44} {'entries/s (median, min-max)':>28} {'x simple':>8} {'x COPY':>7}"
-          f" {'CPU us/entry':>12} {'start s':>7} {'RSS MB':>7}")
+    print(
+        f"\n{'scenario':<44} {'entries/s (median, min-max)':>28} {'x simple':>8} {'x COPY':>7}"
+        f" {'CPU us/entry':>12} {'start s':>7} {'RSS MB':>7}"
+    )
     for s in summary.values():
         if "rate" in s:
             spread = f"{s['rate']:,.0f} ({s['rate_min']:,.0f}-{s['rate_max']:,.0f})"
-            print(f"{s['label']:<44} {spread:>28} {_f(s['vs_simple'], '.2f'):>8} {_f(s['vs_copy'], '.2f'):>7}"
-                  f" {_f(s.get('cpu_us_per_entry'), '.1f'):>12} {_f(s.get('startup_s'), '.2f'):>7}"
-                  f" {_f(s.get('peak_rss_mb'), '.0f'):>7}")
+            print(
+                f"{s['label']:<44} {spread:>28} {_f(s['vs_simple'], '.2f'):>8} {_f(s['vs_copy'], '.2f'):>7}"
+                f" {_f(s.get('cpu_us_per_entry'), '.1f'):>12} {_f(s.get('startup_s'), '.2f'):>7}"
+                f" {_f(s.get('peak_rss_mb'), '.0f'):>7}"
+            )
     trips = summary.get("round_trips")
     if trips:
-        print(f"round trips (median ms): Redis PING {trips['redis_ping_ms']:.2f}, PostgreSQL SELECT 1"
-              f" {trips['pg_select_ms']:.2f}, 1-row INSERT + COMMIT {trips['pg_commit_ms']:.2f}")
+        print(
+            f"round trips (median ms): Redis PING {trips['redis_ping_ms']:.2f}, PostgreSQL SELECT 1"
+            f" {trips['pg_select_ms']:.2f}, 1-row INSERT + COMMIT {trips['pg_commit_ms']:.2f}"
+        )
     simple = summary.get("simple_loop", {}).get("phases")
     if simple:
         print("simplest loop, share of its time: " + ", ".join(f"{p} {v:.0%}" for p, v in simple.items()))
-    print(f"\n{'latency scenario':<44} {'offered/s':>9} {'batch':>6} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7}"
-          f" {'max ms':>7} {'RSS MB':>7}")
+    print(
+        f"\n{'latency scenario':<44} {'offered/s':>9} {'batch':>6} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7}"
+        f" {'max ms':>7} {'RSS MB':>7}"
+    )
     for s in summary.values():
         if s["kind"] == "latency":
-            print(f"{s['label']:<44} {s['offered_rate']:>9,.0f} {s['mean_batch']:>6.1f} {s['p50_ms']:>7.1f}"
-                  f" {s['p95_ms']:>7.1f} {s['p99_ms']:>7.1f} {s['max_ms']:>7.1f} {s['peak_rss_mb']:>7.0f}")
+            print(
+                f"{s['label']:<44} {s['offered_rate']:>9,.0f} {s['mean_batch']:>6.1f} {s['p50_ms']:>7.1f}"
+                f" {s['p95_ms']:>7.1f} {s['p99_ms']:>7.1f} {s['max_ms']:>7.1f} {s['peak_rss_mb']:>7.0f}"
+            )
     print(f"\n{'target (issue 5)':<56} {'measured':>9} {'goal':>8}  result")
     for g in goals:
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[g["ok"]]
@@ -135,8 +169,15 @@ def plot(path: Path, summary: dict, streams: int) -> None:
     for key, style in (("simple_loop", "--"), ("raw_copy", ":")):
         if key in summary:
             ax.axhline(summary[key]["rate"], linestyle=style, color="grey")
-            ax.annotate(summary[key]["label"], (0.01, summary[key]["rate"]), xycoords=("axes fraction", "data"),
-                        textcoords="offset points", xytext=(0, 3), fontsize=8, color="dimgrey")
+            ax.annotate(
+                summary[key]["label"],
+                (0.01, summary[key]["rate"]),
+                xycoords=("axes fraction", "data"),
+                textcoords="offset points",
+                xytext=(0, 3),
+                fontsize=8,
+                color="dimgrey",
+            )
     ax.set_xscale("log")
     ax.set_xticks([s["batch_size"] for s in drains if s["workers"] == 1], minor=False)
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())

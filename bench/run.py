@@ -33,8 +33,9 @@ from pathlib import Path
 import infra
 import limits
 import report
-import scenarios
 import workload
+
+import scenarios
 
 BATCH_SIZES = (100, 500, 1000, 2000)
 WORKERS = (1, 2)
@@ -61,8 +62,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def one_repeat(repeat: int, args: argparse.Namespace, db_url: str, runs: list[dict]) -> None:
     def record(scenario: str, kind: str, label: str, result: dict, **params) -> None:
-        runs.append({"repeat": repeat, "scenario": scenario, "kind": kind, "label": label, **params, **result,
-                     "load1": os.getloadavg()[0]})  # the machine is shared: how busy it was
+        runs.append(
+            {
+                "repeat": repeat,
+                "scenario": scenario,
+                "kind": kind,
+                "label": label,
+                **params,
+                **result,
+                "load1": os.getloadavg()[0],
+            }
+        )  # the machine is shared: how busy it was
         if "rate" in result:
             shown = f"{result['rate']:>9,.0f} entries/s"
         else:
@@ -82,29 +92,54 @@ def one_repeat(repeat: int, args: argparse.Namespace, db_url: str, runs: list[di
         record("raw_copy", "limit", "raw COPY, 1,000 rows/commit", limits.raw_copy(db_url, rows))
         del rows, items
         infra.reset_database(db_url)
-        record("simple_loop", "limit", "simplest loop (1,000/batch)", limits.simple_loop(client, db_url, names),
-               streams=s, batch_size=1000, workers=1)
+        record(
+            "simple_loop",
+            "limit",
+            "simplest loop (1,000/batch)",
+            limits.simple_loop(client, db_url, names),
+            streams=s,
+            batch_size=1000,
+            workers=1,
+        )
     for batch_size in BATCH_SIZES:
         for workers in WORKERS:
             label = f"db-writer {s} streams, batch {batch_size}, {workers}w"
-            record(f"dbw-s{s}-b{batch_size}-w{workers}", "drain", label,
-                   scenarios.drain(db_url, names, n, batch_size, workers),
-                   streams=s, batch_size=batch_size, workers=workers)
+            record(
+                f"dbw-s{s}-b{batch_size}-w{workers}",
+                "drain",
+                label,
+                scenarios.drain(db_url, names, n, batch_size, workers),
+                streams=s,
+                batch_size=batch_size,
+                workers=workers,
+            )
 
     many = workload.stream_names(MANY_STREAMS)
     with infra.redis_client() as client:
         client.flushdb()
         workload.publish(client, workload.entries(n, MANY_STREAMS))
     for batch_size in args.many_batch_sizes:
-        record(f"dbw-s{MANY_STREAMS}-b{batch_size}-w1", "drain", f"db-writer {MANY_STREAMS} streams, batch {batch_size}, 1w",
-               scenarios.drain(db_url, many, n, batch_size, 1), streams=MANY_STREAMS, batch_size=batch_size, workers=1)
+        record(
+            f"dbw-s{MANY_STREAMS}-b{batch_size}-w1",
+            "drain",
+            f"db-writer {MANY_STREAMS} streams, batch {batch_size}, 1w",
+            scenarios.drain(db_url, many, n, batch_size, 1),
+            streams=MANY_STREAMS,
+            batch_size=batch_size,
+            workers=1,
+        )
 
     latency_names = workload.stream_names(LATENCY_STREAMS)
     for batch_size in args.latency_batch_sizes:
-        record(f"latency-s{LATENCY_STREAMS}-b{batch_size}", "latency",
-               f"{LATENCY_RATE:,}/s over {LATENCY_STREAMS} streams, batch {batch_size}",
-               scenarios.latency(db_url, latency_names, LATENCY_RATE, args.latency_seconds, batch_size),
-               streams=LATENCY_STREAMS, batch_size=batch_size, workers=1)
+        record(
+            f"latency-s{LATENCY_STREAMS}-b{batch_size}",
+            "latency",
+            f"{LATENCY_RATE:,}/s over {LATENCY_STREAMS} streams, batch {batch_size}",
+            scenarios.latency(db_url, latency_names, LATENCY_RATE, args.latency_seconds, batch_size),
+            streams=LATENCY_STREAMS,
+            batch_size=batch_size,
+            workers=1,
+        )
 
 
 def main(argv: list[str]) -> int:
@@ -112,8 +147,10 @@ def main(argv: list[str]) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     meta = report.start_meta(args, infra.server_versions())
-    print(f"db-writer benchmark: {args.entries:,} entries over {args.streams} streams, {args.repeat} repeat(s);"
-          f" {meta['cpus']} CPUs, load {meta['load_before'][0]:.2f}")
+    print(
+        f"db-writer benchmark: {args.entries:,} entries over {args.streams} streams, {args.repeat} repeat(s);"
+        f" {meta['cpus']} CPUs, load {meta['load_before'][0]:.2f}"
+    )
     runs: list[dict] = []
     with infra.database() as db_url:
         try:

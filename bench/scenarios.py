@@ -15,14 +15,21 @@ import workload
 # The forkserver preloads `worker` (and so `main`) once. Python 3.11's forkserver ignores
 # the parent's sys.path, so it finds bench/ and the service's modules through PYTHONPATH.
 os.environ["PYTHONPATH"] = os.pathsep.join(
-    [str(infra.ROOT / "bench"), str(infra.ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    [str(infra.ROOT / "bench"), str(infra.ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+)
 _CTX = multiprocessing.get_context("forkserver")
 _CTX.set_forkserver_preload(["worker"])
 
 
 def _settings(db_url: str, batch_size: int, name: str) -> dict:
-    return {"redis_url": infra.REDIS_URL, "database_url": db_url, "batch_size": batch_size,
-            "batch_timeout_sec": 0.2, "log_level": "WARNING", "consumer_name": name}
+    return {
+        "redis_url": infra.REDIS_URL,
+        "database_url": db_url,
+        "batch_size": batch_size,
+        "batch_timeout_sec": 0.2,
+        "log_level": "WARNING",
+        "consumer_name": name,
+    }
 
 
 def start_workers(db_url: str, batch_size: int, count: int, until_idle: bool) -> list:
@@ -30,8 +37,9 @@ def start_workers(db_url: str, batch_size: int, count: int, until_idle: bool) ->
     workers = []
     for k in range(count):
         conn, child = _CTX.Pipe()
-        proc = _CTX.Process(target=worker.serve, daemon=True,
-                            args=(child, _settings(db_url, batch_size, f"bench-{k + 1}"), until_idle))
+        proc = _CTX.Process(
+            target=worker.serve, daemon=True, args=(child, _settings(db_url, batch_size, f"bench-{k + 1}"), until_idle)
+        )
         proc.start()
         workers.append((proc, conn))
     for proc, conn in workers:
@@ -68,14 +76,19 @@ def drain(db_url: str, names: list[bytes], total: int, batch_size: int, workers:
         raise RuntimeError(f"drain incomplete: {rows} rows of {total}, {left} entries pending")
     first = min(r["started_at"] for r in results)
     seconds = max(r["last_batch_at"] for r in results) - first
-    return {"entries": total, "seconds": seconds, "rate": total / seconds, "startup_s": first - go,
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
-            "cpu_s": sum(r["cpu_s"] for r in results),
-            "batches": sum(r["stats"]["batches_processed"] for r in results), "code": results[0]["code"]}
+    return {
+        "entries": total,
+        "seconds": seconds,
+        "rate": total / seconds,
+        "startup_s": first - go,
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+        "cpu_s": sum(r["cpu_s"] for r in results),
+        "batches": sum(r["stats"]["batches_processed"] for r in results),
+        "code": results[0]["code"],
+    }
 
 
-def latency(db_url: str, names: list[bytes], rate: float, seconds: float, batch_size: int,
-            warmup: float = 1.0) -> dict:
+def latency(db_url: str, names: list[bytes], rate: float, seconds: float, batch_size: int, warmup: float = 1.0) -> dict:
     """One worker while `rate` entries/s are published; latency = created_at - timestamp,
     over the entries published after the first `warmup` seconds."""
     with infra.redis_client() as client:
@@ -96,12 +109,24 @@ def latency(db_url: str, names: list[bytes], rate: float, seconds: float, batch_
             "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.95) WITHIN GROUP"
             " (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), max(ms), count(*) FROM"
             " (SELECT extract(epoch FROM created_at - timestamp) * 1000 AS ms FROM sensor_readings"
-            "  WHERE timestamp >= %s) s", [since]).fetchone()
+            "  WHERE timestamp >= %s) s",
+            [since],
+        ).fetchone()
         rows = conn.execute("SELECT count(*) FROM sensor_readings").fetchone()[0]
     if rows != sent:
         raise RuntimeError(f"latency run incomplete: {rows} rows of {sent} published")
     batches = result["stats"]["batches_processed"]
-    return {"entries": sent, "offered_rate": sent / took, "p50_ms": float(p50), "p95_ms": float(p95),
-            "p99_ms": float(p99), "max_ms": float(top), "measured_rows": n, "batches": batches,
-            "mean_batch": sent / max(1, batches), "peak_rss_mb": result["peak_rss_mb"],
-            "cpu_share": result["cpu_s"] / took, "code": result["code"]}
+    return {
+        "entries": sent,
+        "offered_rate": sent / took,
+        "p50_ms": float(p50),
+        "p95_ms": float(p95),
+        "p99_ms": float(p99),
+        "max_ms": float(top),
+        "measured_rows": n,
+        "batches": batches,
+        "mean_batch": sent / max(1, batches),
+        "peak_rss_mb": result["peak_rss_mb"],
+        "cpu_share": result["cpu_s"] / took,
+        "code": result["code"],
+    }

@@ -60,8 +60,17 @@ def serve(conn, overrides: dict, until_idle: bool) -> None:
     error = None
     try:
         service.run(until_idle=until_idle)
-    except Exception as exc:  # noqa: BLE001  (reported to the parent, which fails the scenario)
+    except Exception as exc:
         error = repr(exc)
     cpu = time.process_time()
-    conn.send({"started_at": service.started_at, "last_batch_at": service.stats.last_batch_at,
-               "stats": asdict(service.stats), "peak_rss_mb": peak_rss_mb(), "cpu_s": cpu, "error": error, "code": CODE})
+    conn.send(
+        {
+            "started_at": service.started_at,
+            "last_batch_at": service.stats.last_batch_at,
+            "stats": asdict(service.stats),
+            "peak_rss_mb": peak_rss_mb(),
+            "cpu_s": cpu,
+            "error": error,
+            "code": CODE,
+        }
+    )

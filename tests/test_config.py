@@ -25,7 +25,12 @@ def clean_env(monkeypatch, tmp_path):
 
 def test_defaults_follow_the_original_readme():
     s = load_settings(database_url=DB)
-    assert (s.redis_host, s.redis_port, s.consumer_group_name, s.consumer_name) == ("localhost", 6379, "db_writer", "worker-01")
+    assert (s.redis_host, s.redis_port, s.consumer_group_name, s.consumer_name) == (
+        "localhost",
+        6379,
+        "db_writer",
+        "worker-01",
+    )
     assert (s.batch_size, s.batch_timeout_sec, s.stream_pattern) == (100, 5.0, "mqtt_stream:*")
     assert (s.dead_letter_stream, s.table_name, s.enable_timescale) == ("mqtt_stream:failed", "sensor_readings", False)
     assert (s.log_level, s.log_format) == ("INFO", "json")
@@ -40,20 +45,27 @@ def test_environment_and_dotenv_are_read(monkeypatch, tmp_path):
 
 
 def test_redis_url_wins_and_parts_build_a_url():
-    assert load_settings(database_url=DB, redis_url="rediss://:pw@cache:6380/2").redis_dsn == "rediss://:pw@cache:6380/2"
-    assert load_settings(database_url=DB, redis_host="r", redis_port=7000, redis_db=3, redis_password="p w").redis_dsn == \
-        "redis://:p%20w@r:7000/3"
+    assert (
+        load_settings(database_url=DB, redis_url="rediss://:pw@cache:6380/2").redis_dsn == "rediss://:pw@cache:6380/2"
+    )
+    assert (
+        load_settings(database_url=DB, redis_host="r", redis_port=7000, redis_db=3, redis_password="p w").redis_dsn
+        == "redis://:p%20w@r:7000/3"
+    )
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    ({"batch_size": 0}, "BATCH_SIZE: Input should be greater than or equal to 1"),
-    ({"log_level": "LOUD"}, "LOG_LEVEL: Input should be 'DEBUG'"),
-    ({"log_format": "xml"}, "LOG_FORMAT:"),
-    ({"database_url": "mysql://u:pw@h/db"}, "DATABASE_URL: must be a postgresql:// URL"),
-    ({"table_name": 'readings"; DROP TABLE x; --'}, "TABLE_NAME: must be a plain SQL identifier"),
-    ({"redis_url": "http://x"}, "REDIS_URL: must be a redis://"),
-    ({"timescale_chunk_interval": "soon"}, "TIMESCALE_CHUNK_INTERVAL:"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"batch_size": 0}, "BATCH_SIZE: Input should be greater than or equal to 1"),
+        ({"log_level": "LOUD"}, "LOG_LEVEL: Input should be 'DEBUG'"),
+        ({"log_format": "xml"}, "LOG_FORMAT:"),
+        ({"database_url": "mysql://u:pw@h/db"}, "DATABASE_URL: must be a postgresql:// URL"),
+        ({"table_name": 'readings"; DROP TABLE x; --'}, "TABLE_NAME: must be a plain SQL identifier"),
+        ({"redis_url": "http://x"}, "REDIS_URL: must be a redis://"),
+        ({"timescale_chunk_interval": "soon"}, "TIMESCALE_CHUNK_INTERVAL:"),
+    ],
+)
 def test_a_bad_value_is_one_line_naming_the_variable(overrides, message):
     values = {"database_url": DB, **overrides}
     with pytest.raises(ConfigError) as info:
@@ -73,7 +85,9 @@ def test_no_database_is_a_clear_error():
         load_settings()
 
 
-@pytest.mark.parametrize("assignment", ["BATCH_SIZE=0", "LOG_LEVEL=LOUD", "DATABASE_URL=mysql://u:pw@h/db", "TABLE_NAME=a;b"])
+@pytest.mark.parametrize(
+    "assignment", ["BATCH_SIZE=0", "LOG_LEVEL=LOUD", "DATABASE_URL=mysql://u:pw@h/db", "TABLE_NAME=a;b"]
+)
 def test_main_exits_2_with_one_line(assignment):
     name, value = assignment.split("=", 1)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "DATABASE_"))}

@@ -8,18 +8,39 @@ import dead_letters
 
 
 def test_record_has_the_original_readme_fields_and_a_trace():
-    letter = dead_letters.make(b"mqtt_stream:esp32:temperature", b"1634567890123-0",
-                               {b"value": b"abc", b"timestamp": b"2023-10-18T14:30:00Z"}, "parse", "not a number", 2)
+    letter = dead_letters.make(
+        b"mqtt_stream:esp32:temperature",
+        b"1634567890123-0",
+        {b"value": b"abc", b"timestamp": b"2023-10-18T14:30:00Z"},
+        "parse",
+        "not a number",
+        2,
+    )
     fields = dead_letters.stream_fields(letter, "db_writer", "worker-01")
     assert fields["original_stream"] == "mqtt_stream:esp32:temperature"
-    assert (fields["original_id"], fields["device_id"], fields["sensor_type"]) == ("1634567890123-0", "esp32", "temperature")
-    assert (fields["value"], fields["error"], fields["step"], fields["delivery_count"]) == ("abc", "not a number", "parse", "2")
+    assert (fields["original_id"], fields["device_id"], fields["sensor_type"]) == (
+        "1634567890123-0",
+        "esp32",
+        "temperature",
+    )
+    assert (fields["value"], fields["error"], fields["step"], fields["delivery_count"]) == (
+        "abc",
+        "not a number",
+        "parse",
+        "2",
+    )
     assert float(fields["failed_at"]) > 1.6e9 and fields["consumer"] == "worker-01"
     assert json.loads(fields["fields"]) == {"value": "abc", "timestamp": "2023-10-18T14:30:00Z"}
 
 
 def test_any_bytes_round_trip_for_replay():
-    original = {b"value": b"\xff\xfe", b"nul": b"a\x00b", b"\xc3(": b"x", b"base64:tricky": b"1", "ü".encode(): "ß".encode()}
+    original = {
+        b"value": b"\xff\xfe",
+        b"nul": b"a\x00b",
+        b"\xc3(": b"x",
+        b"base64:tricky": b"1",
+        "ü".encode(): "ß".encode(),
+    }
     encoded = dead_letters.encode_fields(original)
     json.dumps(encoded)  # JSON-safe, so it fits jsonb and the stream
     assert "\\u0000" not in json.dumps(encoded)
@@ -28,7 +49,9 @@ def test_any_bytes_round_trip_for_replay():
 
 
 def test_huge_entries_are_cut_and_marked():
-    encoded = dead_letters.encode_fields({b"metadata": b"x" * 10_000_000, **{f"f{i}".encode(): b"1" for i in range(10_000)}})
+    encoded = dead_letters.encode_fields(
+        {b"metadata": b"x" * 10_000_000, **{f"f{i}".encode(): b"1" for i in range(10_000)}}
+    )
     assert len(json.dumps(encoded)) < 200_000
     assert encoded["metadata"]["truncated_from"] == 10_000_000
     assert encoded[dead_letters.OMITTED] == {"omitted_fields": 10_001 - dead_letters.KEPT_FIELDS}
@@ -41,7 +64,9 @@ def test_unparseable_stream_names_still_make_a_record():
 
 
 def test_long_names_are_capped_by_bytes_for_the_indexed_columns():
-    letter = dead_letters.make(b"mqtt_stream:" + b"\xff" * 5000, b"1-0", {b"value": "é".encode() * 5000}, "parse", "x" * 10_000, 1)
+    letter = dead_letters.make(
+        b"mqtt_stream:" + b"\xff" * 5000, b"1-0", {b"value": "é".encode() * 5000}, "parse", "x" * 10_000, 1
+    )
     assert len(letter.original_stream.encode()) <= 1000 and letter.original_stream.endswith("bytes]")
     assert len(letter.value.encode()) <= 1000 and len(letter.error.encode()) <= 2000
 

@@ -7,9 +7,10 @@ import threading
 import urllib.error
 import urllib.request
 
+from test_pipeline import settings_for, wait_for
+
 from main import DatabaseWriterService
 from metrics import Metrics, serve
-from test_pipeline import settings_for, wait_for
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -21,8 +22,11 @@ def get(port: int, path: str) -> tuple[int, str]:
 
 
 def value(text: str, name: str) -> float:
-    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ") or
-                      line.startswith(name + "{")))
+    return float(
+        next(
+            line.split()[-1] for line in text.splitlines() if line.startswith(name + " ") or line.startswith(name + "{")
+        )
+    )
 
 
 def test_metrics_healthz_readyz(redis_client, redis_url, migrated_database_url):

@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def migrate(database_url: str, *args: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "DATABASE_", "TABLE_", "ENABLE_"))}
     environ.update(DATABASE_URL=database_url, **env)
-    return subprocess.run([str(ROOT / "migrate.sh"), *args], cwd=cwd or "/", env=environ,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [str(ROOT / "migrate.sh"), *args], cwd=cwd or "/", env=environ, capture_output=True, text=True, timeout=120
+    )
 
 
 def tables(database_url: str) -> set[str]:
@@ -67,18 +68,24 @@ def test_create_autogenerates_a_revision(database_url, tmp_path):
     shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", ".standalone"))
     os.symlink(ROOT / ".venv", copy / ".venv")
     models = copy / "models.py"
-    models.write_text(models.read_text().replace(
-        '    created_at: Mapped[datetime | None] = mapped_column(TIMESTAMPTZ, server_default=func.now())',
-        '    created_at: Mapped[datetime | None] = mapped_column(TIMESTAMPTZ, server_default=func.now())\n'
-        '    quality: Mapped[int | None] = mapped_column(Integer)'))
+    models.write_text(
+        models.read_text().replace(
+            "    created_at: Mapped[datetime | None] = mapped_column(TIMESTAMPTZ, server_default=func.now())",
+            "    created_at: Mapped[datetime | None] = mapped_column(TIMESTAMPTZ, server_default=func.now())\n"
+            "    quality: Mapped[int | None] = mapped_column(Integer)",
+        )
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "DATABASE_"))}
     env["DATABASE_URL"] = database_url
-    run = lambda *a: subprocess.run([str(copy / "migrate.sh"), *a], env=env, capture_output=True, text=True, timeout=120)  # noqa: E731
+
+    def run(*a):
+        return subprocess.run([str(copy / "migrate.sh"), *a], env=env, capture_output=True, text=True, timeout=120)
+
     assert run("upgrade").returncode == 0
     assert run("check").returncode == 1
     created = run("create", "add quality")
     assert created.returncode == 0, created.stderr
-    new = [p for p in (copy / "alembic/versions").glob("*add_quality*.py")]
+    new = list((copy / "alembic/versions").glob("*add_quality*.py"))
     assert len(new) == 1 and "add_column" in new[0].read_text() and "quality" in new[0].read_text()
     assert run("upgrade").returncode == 0 and run("check").returncode == 0
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
+from test_pipeline import pending, publish, rows, settings_for
 
 from main import DatabaseWriterService
-from test_pipeline import pending, publish, rows, settings_for
 
 PGBOUNCER = shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").exists() else None)
 pytestmark = pytest.mark.skipif(PGBOUNCER is None, reason="pgbouncer is not installed (Debian package pgbouncer)")
@@ -49,8 +49,9 @@ max_client_conn = 50
 logfile =
 """)
     as_user = ["-u", "nobody"] if os.geteuid() == 0 else []
-    proc = subprocess.Popen([PGBOUNCER, *as_user, str(tmp_path / "pgbouncer.ini")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [PGBOUNCER, *as_user, str(tmp_path / "pgbouncer.ini")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     url = migrated_database_url.replace(f"{target.get('host')}:{target.get('port')}", f"127.0.0.1:{port}")
     try:
         deadline = time.monotonic() + 15
@@ -72,9 +73,12 @@ logfile =
 def test_two_workers_through_pgbouncer_transaction_pooling(redis_client, redis_url, bouncer_url, migrated_database_url):
     expected = publish(redis_client, devices=20, sensors=("t", "h"), per_stream=50)
     bad = redis_client.xadd("mqtt_stream:dev0:t", {"value": "oops"})  # a dead letter, through the same path
-    services = [DatabaseWriterService(settings_for(redis_url, bouncer_url, consumer_name=f"w{i}", batch_size=100,
-                                                   db_pool_max_size=3))
-                for i in (1, 2)]
+    services = [
+        DatabaseWriterService(
+            settings_for(redis_url, bouncer_url, consumer_name=f"w{i}", batch_size=100, db_pool_max_size=3)
+        )
+        for i in (1, 2)
+    ]
     threads = [threading.Thread(target=s.run, kwargs={"until_idle": True}) for s in services]
     for thread in threads:
         thread.start()

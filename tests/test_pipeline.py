@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -21,12 +21,17 @@ from main import DatabaseWriterService
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP = b"db_writer"
-T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
 
 
 def settings_for(redis_url: str, database_url: str, **overrides):
-    values = dict(redis_url=redis_url, database_url=database_url, batch_timeout_sec=0.2,
-                  log_level="WARNING", claim_idle_ms=1000)
+    values = {
+        "redis_url": redis_url,
+        "database_url": database_url,
+        "batch_timeout_sec": 0.2,
+        "log_level": "WARNING",
+        "claim_idle_ms": 1000,
+    }
     values.update(overrides)
     return config.load_settings(**values)
 
@@ -48,8 +53,10 @@ def publish(client, devices: int, sensors: tuple[str, ...], per_stream: int) -> 
 
 def rows(database_url: str) -> dict:
     with psycopg.connect(database_url) as conn:
-        return {(d, s, t): v for t, d, s, v in conn.execute(
-            "SELECT timestamp, device_id, sensor_type, value FROM sensor_readings")}
+        return {
+            (d, s, t): v
+            for t, d, s, v in conn.execute("SELECT timestamp, device_id, sensor_type, value FROM sensor_readings")
+        }
 
 
 def pending(client) -> int:
@@ -64,15 +71,28 @@ def pending(client) -> int:
 
 def worker_env(redis_url: str, database_url: str, name: str, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "DB_", "DATABASE_"))}
-    env.update(REDIS_URL=redis_url, DATABASE_URL=database_url, CONSUMER_NAME=name, BATCH_TIMEOUT_SEC="0.2",
-               LOG_LEVEL="WARNING", CONSUMER_LOCK_TTL_SEC="3", STREAM_RESCAN_SEC="1")
+    env.update(
+        REDIS_URL=redis_url,
+        DATABASE_URL=database_url,
+        CONSUMER_NAME=name,
+        BATCH_TIMEOUT_SEC="0.2",
+        LOG_LEVEL="WARNING",
+        CONSUMER_LOCK_TTL_SEC="3",
+        STREAM_RESCAN_SEC="1",
+    )
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
 
 def start_worker(env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "main.py")], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:
@@ -94,7 +114,8 @@ def test_every_entry_becomes_exactly_one_row(redis_client, redis_url, migrated_d
     assert pending(redis_client) == 0
     with psycopg.connect(migrated_database_url) as conn:
         entries, biggest, empty = conn.execute(
-            "SELECT sum(entries), max(entries), count(*) FILTER (WHERE entries = 0) FROM db_writer_batches").fetchone()
+            "SELECT sum(entries), max(entries), count(*) FILTER (WHERE entries = 0) FROM db_writer_batches"
+        ).fetchone()
     assert entries == len(expected)
     assert empty == 0  # an empty read writes nothing
     assert biggest <= 250  # BATCH_SIZE bounds a batch across all streams
@@ -132,7 +153,7 @@ def test_bad_entries_are_dead_lettered_and_good_ones_land(redis_client, redis_ur
     assert rows(migrated_database_url) == expected
     letters = {f[b"original_id"].decode(): f for _, f in redis_client.xrange("mqtt_stream:failed")}
     assert set(letters) == set(bad_ids) | {conflict_id}
-    for entry_id, fields in letters.items():
+    for _entry_id, fields in letters.items():
         assert fields[b"error"] and fields[b"step"] in {b"parse", b"validate", b"write"}
         assert {b"original_stream", b"device_id", b"sensor_type", b"value", b"failed_at", b"fields"} <= set(fields)
     assert b"already stored" in letters[conflict_id][b"error"]
@@ -194,7 +215,7 @@ def test_poison_entries_are_capped_by_max_retries(redis_client, redis_url, migra
 
     service = DatabaseWriterService(settings_for(redis_url, migrated_database_url, max_retries=3))
     service.run(until_idle=True)
-    (_, letter), = redis_client.xrange("mqtt_stream:failed")
+    ((_, letter),) = redis_client.xrange("mqtt_stream:failed")
     assert letter[b"original_id"] == entry_id and letter[b"step"] == b"deliver"
     assert letter[b"delivery_count"] == b"4" and b"MAX_RETRIES=3" in letter[b"error"]
     assert rows(migrated_database_url) == {}
@@ -203,8 +224,10 @@ def test_poison_entries_are_capped_by_max_retries(redis_client, redis_url, migra
 
 def test_pending_entries_deleted_from_the_stream_are_acked_away(redis_client, redis_url, migrated_database_url):
     stream = "mqtt_stream:dev0:t"
-    ids = [redis_client.xadd(stream, {"value": str(i), "timestamp": (T0 + timedelta(seconds=i)).isoformat()})
-           for i in range(3)]
+    ids = [
+        redis_client.xadd(stream, {"value": str(i), "timestamp": (T0 + timedelta(seconds=i)).isoformat()})
+        for i in range(3)
+    ]
     redis_client.xgroup_create(stream, GROUP, id="0")
     redis_client.xreadgroup(GROUP, "worker-01", {stream: ">"})
     redis_client.xdel(stream, ids[0])
@@ -377,13 +400,16 @@ def test_the_sensor_registry_counts_inserted_rows(redis_client, redis_url, migra
     DatabaseWriterService(settings).run(until_idle=True)
     with psycopg.connect(migrated_database_url) as conn:
         registry = conn.execute(
-            "SELECT device_id, sensor_type, first_seen, last_seen, readings FROM db_writer_sensors ORDER BY 1, 2").fetchall()
+            "SELECT device_id, sensor_type, first_seen, last_seen, readings FROM db_writer_sensors ORDER BY 1, 2"
+        ).fetchall()
     assert registry == [(f"dev{d}", s, T0, T0 + timedelta(seconds=9), 10) for d in (0, 1) for s in ("h", "t")]
 
 
 def test_metadata_and_extra_fields_land_as_jsonb(redis_client, redis_url, migrated_database_url):
-    redis_client.xadd("mqtt_stream:esp32:temperature", {
-        "value": "23.5", "timestamp": "2023-10-18T14:30:00Z", "metadata": '{"unit": "C", "n": [1, 2.5, null]}'})
+    redis_client.xadd(
+        "mqtt_stream:esp32:temperature",
+        {"value": "23.5", "timestamp": "2023-10-18T14:30:00Z", "metadata": '{"unit": "C", "n": [1, 2.5, null]}'},
+    )
     redis_client.xadd("mqtt_stream:esp32:humidity", {"value": "40", "timestamp": "2023-10-18T14:30:00Z", "rssi": "-70"})
     redis_client.xadd("mqtt_stream:esp32:pressure", {"value": "1013", "timestamp": "2023-10-18T14:30:00Z"})
     DatabaseWriterService(settings_for(redis_url, migrated_database_url)).run(until_idle=True)

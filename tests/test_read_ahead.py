@@ -33,7 +33,6 @@ def test_a_read_error_reaches_the_caller():
     def read() -> int:
         raise RuntimeError("redis exploded")
 
-    with pytest.raises(RuntimeError, match="redis exploded"):
-        with ReadAhead(read, threading.Event()) as batches:
-            for _ in batches:
-                pass
+    with pytest.raises(RuntimeError, match="redis exploded"), ReadAhead(read, threading.Event()) as batches:
+        for _ in batches:
+            pass

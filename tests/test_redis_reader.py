@@ -10,8 +10,9 @@ import redis_reader
 
 
 def make_reader(redis_client, redis_url: str, batch_size: int) -> redis_reader.StreamReader:
-    settings = config.load_settings(redis_url=redis_url, database_url="postgresql://x@localhost/x",
-                                    batch_size=batch_size, batch_timeout_sec=0.1)  # fmt: skip
+    settings = config.load_settings(
+        redis_url=redis_url, database_url="postgresql://x@localhost/x", batch_size=batch_size, batch_timeout_sec=0.1
+    )
     reader = redis_reader.StreamReader(redis_client, settings)
     reader.refresh_streams()
     return reader

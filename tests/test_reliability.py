@@ -19,8 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_quick_reliability_suite_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     run = subprocess.run(
         [sys.executable, str(ROOT / "reliability" / "run.py"), "--quick", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=1100,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1100,
+    )
     report_path = tmp_path / "latest-quick.json"
     assert report_path.exists(), f"no report (exit {run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     report = json.loads(report_path.read_text())

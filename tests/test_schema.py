@@ -41,6 +41,7 @@ def with_metadata(metadata, **extra):
 
 # --- InvalidEntry ---------------------------------------------------------------------------
 
+
 def test_invalid_entry_carries_step_and_reason():
     exc = InvalidEntry("parse", "value is empty")
     assert isinstance(exc, ValueError)
@@ -51,15 +52,19 @@ def test_invalid_entry_carries_step_and_reason():
 
 # --- stream name ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("stream", "expected"), [
-    (b"mqtt_stream:esp32:temp", ("esp32", "temp")),
-    ("mqtt_stream:esp32:temp", ("esp32", "temp")),
-    (bytearray(b"mqtt_stream:esp32:temp"), ("esp32", "temp")),
-    (b"mqtt_stream:esp32:temp:inner", ("esp32", "temp:inner")),
-    ("mqtt_stream:Küche:température", ("Küche", "température")),
-    ("mqtt_stream:" + "d" * MAX_NAME_LENGTH + ":" + "s" * MAX_NAME_LENGTH, ("d" * 100, "s" * 100)),
-    ("mqtt_stream:" + "ü" * MAX_NAME_LENGTH + ":t", ("ü" * 100, "t")),
-])
+
+@pytest.mark.parametrize(
+    ("stream", "expected"),
+    [
+        (b"mqtt_stream:esp32:temp", ("esp32", "temp")),
+        ("mqtt_stream:esp32:temp", ("esp32", "temp")),
+        (bytearray(b"mqtt_stream:esp32:temp"), ("esp32", "temp")),
+        (b"mqtt_stream:esp32:temp:inner", ("esp32", "temp:inner")),
+        ("mqtt_stream:Küche:température", ("Küche", "température")),
+        ("mqtt_stream:" + "d" * MAX_NAME_LENGTH + ":" + "s" * MAX_NAME_LENGTH, ("d" * 100, "s" * 100)),
+        ("mqtt_stream:" + "ü" * MAX_NAME_LENGTH + ":t", ("ü" * 100, "t")),
+    ],
+)
 def test_parse_stream_name(stream, expected):
     assert parse_stream_name(stream) == expected
 
@@ -68,22 +73,25 @@ def test_parse_stream_name_with_another_prefix():
     assert parse_stream_name(b"sensors/esp32:temp", prefix="sensors/") == ("esp32", "temp")
 
 
-@pytest.mark.parametrize(("stream", "step", "reason"), [
-    (b"esp32:temp", "parse", "stream name does not start with 'mqtt_stream:'"),
-    (b"MQTT_STREAM:esp32:temp", "parse", "stream name does not start with 'mqtt_stream:'"),
-    (b"mqtt_stream::temp", "parse", "stream name has an empty device_id"),
-    (b"mqtt_stream:", "parse", "stream name has an empty device_id"),
-    (b"mqtt_stream:esp32", "parse", "stream name has an empty sensor_type"),
-    (b"mqtt_stream:esp32:", "parse", "stream name has an empty sensor_type"),
-    ("mqtt_stream:" + "d" * 101 + ":temp", "validate", "device_id longer than 100 characters"),
-    ("mqtt_stream:esp32:" + "s" * 101, "validate", "sensor_type longer than 100 characters"),
-    ("mqtt_stream:esp32:" + "s" * 2000, "validate", "stream name longer than 1024 bytes"),
-    (b"mqtt_stream:esp\xff:temp", "parse", "stream name is not valid UTF-8"),
-    ("mqtt_stream:esp\ud800:temp", "parse", "stream name is not valid UTF-8"),
-    ("mqtt_stream:esp\x0032:temp", "validate", "stream name contains a NUL character"),
-    (None, "parse", "stream name must be bytes or str, not NoneType"),
-    (42, "parse", "stream name must be bytes or str, not int"),
-])
+@pytest.mark.parametrize(
+    ("stream", "step", "reason"),
+    [
+        (b"esp32:temp", "parse", "stream name does not start with 'mqtt_stream:'"),
+        (b"MQTT_STREAM:esp32:temp", "parse", "stream name does not start with 'mqtt_stream:'"),
+        (b"mqtt_stream::temp", "parse", "stream name has an empty device_id"),
+        (b"mqtt_stream:", "parse", "stream name has an empty device_id"),
+        (b"mqtt_stream:esp32", "parse", "stream name has an empty sensor_type"),
+        (b"mqtt_stream:esp32:", "parse", "stream name has an empty sensor_type"),
+        ("mqtt_stream:" + "d" * 101 + ":temp", "validate", "device_id longer than 100 characters"),
+        ("mqtt_stream:esp32:" + "s" * 101, "validate", "sensor_type longer than 100 characters"),
+        ("mqtt_stream:esp32:" + "s" * 2000, "validate", "stream name longer than 1024 bytes"),
+        (b"mqtt_stream:esp\xff:temp", "parse", "stream name is not valid UTF-8"),
+        ("mqtt_stream:esp\ud800:temp", "parse", "stream name is not valid UTF-8"),
+        ("mqtt_stream:esp\x0032:temp", "validate", "stream name contains a NUL character"),
+        (None, "parse", "stream name must be bytes or str, not NoneType"),
+        (42, "parse", "stream name must be bytes or str, not int"),
+    ],
+)
 def test_bad_stream_names(stream, step, reason):
     with pytest.raises(InvalidEntry) as caught:
         parse_stream_name(stream)
@@ -93,11 +101,25 @@ def test_bad_stream_names(stream, step, reason):
 
 # --- value ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("value", "expected"), [
-    (b"23.5", 23.5), ("23.5", 23.5), (b" 12.5 ", 12.5), (b"\t12.5\r\n", 12.5), (b"42", 42.0),
-    (b"-7", -7.0), (b"+.5", 0.5), (b"5.", 5.0), (b"1.5E3", 1500.0), (b"1e-400", 0.0),
-    (b"1.7976931348623157e308", 1.7976931348623157e308), (23.5, 23.5), (42, 42.0),
-])
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (b"23.5", 23.5),
+        ("23.5", 23.5),
+        (b" 12.5 ", 12.5),
+        (b"\t12.5\r\n", 12.5),
+        (b"42", 42.0),
+        (b"-7", -7.0),
+        (b"+.5", 0.5),
+        (b"5.", 5.0),
+        (b"1.5E3", 1500.0),
+        (b"1e-400", 0.0),
+        (b"1.7976931348623157e308", 1.7976931348623157e308),
+        (23.5, 23.5),
+        (42, 42.0),
+    ],
+)
 def test_value(value, expected):
     assert to_row(STREAM, ENTRY_ID, with_value(value))[3] == expected
 
@@ -108,28 +130,31 @@ def test_negative_zero_keeps_its_sign(value):
     assert result == 0.0 and math.copysign(1, result) == -1
 
 
-@pytest.mark.parametrize(("value", "step", "reason"), [
-    (b"", "parse", "value is empty"),
-    (b" \t ", "parse", "value is empty"),
-    (b"12,5", "parse", "value is not a decimal number: '12,5'"),
-    (b"0x1A", "parse", "value is not a decimal number: '0x1A'"),
-    (b"1_000", "parse", "value is not a decimal number: '1_000'"),
-    ("١٢", "parse", "value is not a decimal number: '١٢'"),
-    ("\u00a012.5", "parse", "value is not a decimal number: '\\xa012.5'"),
-    (b"23.5C", "parse", "value is not a decimal number: '23.5C'"),
-    (b"NaN", "validate", "value is not finite (NaN, Infinity or beyond a double): 'NaN'"),
-    (b"-inf", "validate", "value is not finite (NaN, Infinity or beyond a double): '-inf'"),
-    (b"Infinity", "validate", "value is not finite (NaN, Infinity or beyond a double): 'Infinity'"),
-    (b"1e309", "validate", "value is not finite (NaN, Infinity or beyond a double): '1e309'"),
-    (b"-1e309", "validate", "value is not finite (NaN, Infinity or beyond a double): '-1e309'"),
-    (float("nan"), "validate", "value is not finite (NaN, Infinity or beyond a double): 'nan'"),
-    (10**400, "validate", "value out of range"),
-    (True, "parse", "value must be bytes or str, not bool"),
-    (b"1" * 65, "validate", "value longer than 64 bytes"),
-    (b"1" * 1_000_000, "validate", "value longer than 64 bytes"),
-    (b"\xff23", "parse", "value is not valid UTF-8"),
-    ("2\ud8003", "parse", "value is not valid UTF-8"),
-])
+@pytest.mark.parametrize(
+    ("value", "step", "reason"),
+    [
+        (b"", "parse", "value is empty"),
+        (b" \t ", "parse", "value is empty"),
+        (b"12,5", "parse", "value is not a decimal number: '12,5'"),
+        (b"0x1A", "parse", "value is not a decimal number: '0x1A'"),
+        (b"1_000", "parse", "value is not a decimal number: '1_000'"),
+        ("١٢", "parse", "value is not a decimal number: '١٢'"),
+        ("\u00a012.5", "parse", "value is not a decimal number: '\\xa012.5'"),
+        (b"23.5C", "parse", "value is not a decimal number: '23.5C'"),
+        (b"NaN", "validate", "value is not finite (NaN, Infinity or beyond a double): 'NaN'"),
+        (b"-inf", "validate", "value is not finite (NaN, Infinity or beyond a double): '-inf'"),
+        (b"Infinity", "validate", "value is not finite (NaN, Infinity or beyond a double): 'Infinity'"),
+        (b"1e309", "validate", "value is not finite (NaN, Infinity or beyond a double): '1e309'"),
+        (b"-1e309", "validate", "value is not finite (NaN, Infinity or beyond a double): '-1e309'"),
+        (float("nan"), "validate", "value is not finite (NaN, Infinity or beyond a double): 'nan'"),
+        (10**400, "validate", "value out of range"),
+        (True, "parse", "value must be bytes or str, not bool"),
+        (b"1" * 65, "validate", "value longer than 64 bytes"),
+        (b"1" * 1_000_000, "validate", "value longer than 64 bytes"),
+        (b"\xff23", "parse", "value is not valid UTF-8"),
+        ("2\ud8003", "parse", "value is not valid UTF-8"),
+    ],
+)
 def test_bad_values(value, step, reason):
     assert dead_letter(with_value(value)) == (step, reason)
 
@@ -152,33 +177,37 @@ def test_missing_value():
 
 # --- timestamp ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("timestamp", "expected"), [
-    (b"2024-01-01T12:00:00Z", NOON),
-    (b"2024-01-01T12:00:00", NOON),
-    (b"2024-01-01T12:00:00-00:00", NOON),
-    (b"2024-01-01T17:30:00+05:30", NOON),
-    (b"2024-01-01T04:00:00-08:00", NOON),
-    (b"2024-01-01 12:00:00+00:00", NOON),
-    (b" 2024-01-01T12:00:00Z\n", NOON),
-    (b"2024-01-01", datetime(2024, 1, 1, tzinfo=UTC)),
-    (b"2024-01-01T12:00:00.123456789Z", NOON.replace(microsecond=123456)),
-    (b"0001-01-01T00:00:00Z", datetime(1, 1, 1, tzinfo=UTC)),
-    (b"9999-12-31T23:59:59.999999Z", datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)),
-    (b"1704110400", NOON),
-    (b"1704110400.25", NOON.replace(microsecond=250000)),
-    (b"1704110400250", NOON.replace(microsecond=250000)),
-    (b"-86400", datetime(1969, 12, 31, tzinfo=UTC)),
-    (b"-1.5", datetime(1969, 12, 31, 23, 59, 58, 500000, tzinfo=UTC)),
-    (b"99999999999", datetime(5138, 11, 16, 9, 46, 39, tzinfo=UTC)),  # just below 1e11: seconds
-    (b"100000000000", datetime(1973, 3, 3, 9, 46, 40, tzinfo=UTC)),  # 1e11 and up: milliseconds
-    (b"-100000000000", datetime(1966, 10, 31, 14, 13, 20, tzinfo=UTC)),
-    (1704110400, NOON),
-    (1704110400.25, NOON.replace(microsecond=250000)),
-    (1704110400250, NOON.replace(microsecond=250000)),
-    (b"", ENTRY_TIME),
-    (b"  ", ENTRY_TIME),
-    ("", ENTRY_TIME),
-])
+
+@pytest.mark.parametrize(
+    ("timestamp", "expected"),
+    [
+        (b"2024-01-01T12:00:00Z", NOON),
+        (b"2024-01-01T12:00:00", NOON),
+        (b"2024-01-01T12:00:00-00:00", NOON),
+        (b"2024-01-01T17:30:00+05:30", NOON),
+        (b"2024-01-01T04:00:00-08:00", NOON),
+        (b"2024-01-01 12:00:00+00:00", NOON),
+        (b" 2024-01-01T12:00:00Z\n", NOON),
+        (b"2024-01-01", datetime(2024, 1, 1, tzinfo=UTC)),
+        (b"2024-01-01T12:00:00.123456789Z", NOON.replace(microsecond=123456)),
+        (b"0001-01-01T00:00:00Z", datetime(1, 1, 1, tzinfo=UTC)),
+        (b"9999-12-31T23:59:59.999999Z", datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)),
+        (b"1704110400", NOON),
+        (b"1704110400.25", NOON.replace(microsecond=250000)),
+        (b"1704110400250", NOON.replace(microsecond=250000)),
+        (b"-86400", datetime(1969, 12, 31, tzinfo=UTC)),
+        (b"-1.5", datetime(1969, 12, 31, 23, 59, 58, 500000, tzinfo=UTC)),
+        (b"99999999999", datetime(5138, 11, 16, 9, 46, 39, tzinfo=UTC)),  # just below 1e11: seconds
+        (b"100000000000", datetime(1973, 3, 3, 9, 46, 40, tzinfo=UTC)),  # 1e11 and up: milliseconds
+        (b"-100000000000", datetime(1966, 10, 31, 14, 13, 20, tzinfo=UTC)),
+        (1704110400, NOON),
+        (1704110400.25, NOON.replace(microsecond=250000)),
+        (1704110400250, NOON.replace(microsecond=250000)),
+        (b"", ENTRY_TIME),
+        (b"  ", ENTRY_TIME),
+        ("", ENTRY_TIME),
+    ],
+)
 def test_timestamp(timestamp, expected):
     result = to_row(STREAM, ENTRY_ID, with_timestamp(timestamp))[0]
     assert result == expected and result.tzinfo is UTC
@@ -189,42 +218,58 @@ def test_missing_timestamp_is_the_entry_id_time():
     assert to_row(STREAM, b"0-1", {"value": "1"})[0] == datetime(1970, 1, 1, tzinfo=UTC)
 
 
-@pytest.mark.parametrize(("timestamp", "step", "reason"), [
-    (b"10000-01-01T00:00:00Z", "parse", "timestamp is neither ISO 8601 nor a Unix epoch: '10000-01-01T00:00:00Z'"),
-    (b"2024-01-01T00:00:00 Europe/Paris", "parse",
-     "timestamp is neither ISO 8601 nor a Unix epoch: '2024-01-01T00:00:00 Europe/Paris'"),
-    (b"2024-13-01", "parse", "timestamp is neither ISO 8601 nor a Unix epoch: '2024-13-01'"),
-    (b"NaN", "parse", "timestamp is neither ISO 8601 nor a Unix epoch: 'NaN'"),
-    (b"2016-12-31T23:59:60Z", "validate",
-     "timestamp is a leap second, which cannot be stored exactly: '2016-12-31T23:59:60Z'"),
-    (b"0001-01-01T00:00:00+05:30", "validate", "timestamp out of range: '0001-01-01T00:00:00+05:30'"),
-    (b"-62135596801", "validate", "timestamp out of range: '-62135596801'"),
-    (b"1e20", "validate", "timestamp out of range: '1e20'"),
-    (b"1e400", "validate", "timestamp out of range: '1e400'"),
-    (10**400, "validate", "timestamp out of range: int"),
-    (float("inf"), "validate", "timestamp out of range: float"),
-    (b"9" * 65, "validate", "timestamp longer than 64 bytes"),
-    (b"2024-01-01\xff", "parse", "timestamp is not valid UTF-8"),
-    (False, "parse", "timestamp must be bytes or str, not bool"),
-])
+@pytest.mark.parametrize(
+    ("timestamp", "step", "reason"),
+    [
+        (b"10000-01-01T00:00:00Z", "parse", "timestamp is neither ISO 8601 nor a Unix epoch: '10000-01-01T00:00:00Z'"),
+        (
+            b"2024-01-01T00:00:00 Europe/Paris",
+            "parse",
+            "timestamp is neither ISO 8601 nor a Unix epoch: '2024-01-01T00:00:00 Europe/Paris'",
+        ),
+        (b"2024-13-01", "parse", "timestamp is neither ISO 8601 nor a Unix epoch: '2024-13-01'"),
+        (b"NaN", "parse", "timestamp is neither ISO 8601 nor a Unix epoch: 'NaN'"),
+        (
+            b"2016-12-31T23:59:60Z",
+            "validate",
+            "timestamp is a leap second, which cannot be stored exactly: '2016-12-31T23:59:60Z'",
+        ),
+        (b"0001-01-01T00:00:00+05:30", "validate", "timestamp out of range: '0001-01-01T00:00:00+05:30'"),
+        (b"-62135596801", "validate", "timestamp out of range: '-62135596801'"),
+        (b"1e20", "validate", "timestamp out of range: '1e20'"),
+        (b"1e400", "validate", "timestamp out of range: '1e400'"),
+        (10**400, "validate", "timestamp out of range: int"),
+        (float("inf"), "validate", "timestamp out of range: float"),
+        (b"9" * 65, "validate", "timestamp longer than 64 bytes"),
+        (b"2024-01-01\xff", "parse", "timestamp is not valid UTF-8"),
+        (False, "parse", "timestamp must be bytes or str, not bool"),
+    ],
+)
 def test_bad_timestamps(timestamp, step, reason):
     assert dead_letter(with_timestamp(timestamp)) == (step, reason)
 
 
-@pytest.mark.parametrize(("entry_id", "step", "reason"), [
-    (b"not-an-id", "parse", "no timestamp, and entry id is not a Redis id: 'not-an-id'"),
-    (b"17-", "parse", "no timestamp, and entry id is not a Redis id: '17-'"),
-    ("²-0", "parse", "no timestamp, and entry id is not a Redis id: '²-0'"),
-    (b"18446744073709551615-0", "validate",
-     "no timestamp, and entry id time out of range: '18446744073709551615-0'"),
-    (None, "parse", "entry id must be bytes or str, not NoneType"),
-])
+@pytest.mark.parametrize(
+    ("entry_id", "step", "reason"),
+    [
+        (b"not-an-id", "parse", "no timestamp, and entry id is not a Redis id: 'not-an-id'"),
+        (b"17-", "parse", "no timestamp, and entry id is not a Redis id: '17-'"),
+        ("²-0", "parse", "no timestamp, and entry id is not a Redis id: '²-0'"),
+        (
+            b"18446744073709551615-0",
+            "validate",
+            "no timestamp, and entry id time out of range: '18446744073709551615-0'",
+        ),
+        (None, "parse", "entry id must be bytes or str, not NoneType"),
+    ],
+)
 def test_bad_entry_id_matters_only_without_timestamp(entry_id, step, reason):
     assert dead_letter({b"value": b"1"}, entry_id=entry_id) == (step, reason)
     assert to_row(STREAM, entry_id, with_timestamp(b"2024-01-01T12:00:00Z"))[0] == NOON
 
 
 # --- metadata and extra fields --------------------------------------------------------------
+
 
 def test_metadata_text_passes_through_untouched():
     text = ' {"unit": "C", "battery": 87, "ort": "Küche"} '
@@ -247,29 +292,35 @@ def test_extra_fields_merge_and_explicit_metadata_wins():
     assert to_row(STREAM, ENTRY_ID, fields)[4] == '{"unit":"F","room":"K\\u00fcche","nested":{"a":[1,2.5]}}'
 
 
-@pytest.mark.parametrize(("metadata", "step", "reason"), [
-    (b"[1, 2]", "validate", "metadata must be a JSON object"),
-    (b"42", "validate", "metadata must be a JSON object"),
-    (b'"text"', "validate", "metadata must be a JSON object"),
-    (b"null", "validate", "metadata must be a JSON object"),
-    (b"{unit: C}", "parse",
-     "metadata is not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
-    (b'{"a": 1} x', "parse", "metadata is not valid JSON: extra data at character 8"),
-    (b'{"a": NaN}', "parse", "metadata is not valid JSON: NaN is not valid JSON"),
-    (b'{"a": -Infinity}', "parse", "metadata is not valid JSON: -Infinity is not valid JSON"),
-    (b'{"a": 1e999}', "validate", "metadata number beyond a double: 1e999"),
-    (b'{"a": -1.5e-999}', "validate", "metadata number beyond a double: -1.5e-999"),
-    (b'{"a": "x\\u0000"}', "validate", "metadata contains \\u0000, which jsonb cannot store"),
-    (b'{"\\u0000": 1}', "validate", "metadata contains \\u0000, which jsonb cannot store"),
-    (b'{"a": "\\udc00"}', "validate", "metadata contains an unpaired surrogate escape"),
-    (b'{"a": "\xff"}', "parse", "metadata is not valid UTF-8"),
-    ('{"a": "\ud800"}', "parse", "metadata is not valid UTF-8"),
-    (b'{"a":' * 65 + b"1" + b"}" * 65, "validate", "metadata nested deeper than 64 levels"),
-    (b'{"a":' + b"[" * 64 + b"]" * 64 + b"}", "validate", "metadata nested deeper than 64 levels"),
-    (b'{"a":' + b"[" * 30_000 + b"]" * 30_000 + b"}", "validate", "metadata nested deeper than 64 levels"),
-    (b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "validate", "metadata longer than 65536 bytes"),
-    (b'{"a":"' + b"x" * 10_000_000 + b'"}', "validate", "metadata longer than 65536 bytes"),
-])
+@pytest.mark.parametrize(
+    ("metadata", "step", "reason"),
+    [
+        (b"[1, 2]", "validate", "metadata must be a JSON object"),
+        (b"42", "validate", "metadata must be a JSON object"),
+        (b'"text"', "validate", "metadata must be a JSON object"),
+        (b"null", "validate", "metadata must be a JSON object"),
+        (
+            b"{unit: C}",
+            "parse",
+            "metadata is not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)",
+        ),
+        (b'{"a": 1} x', "parse", "metadata is not valid JSON: extra data at character 8"),
+        (b'{"a": NaN}', "parse", "metadata is not valid JSON: NaN is not valid JSON"),
+        (b'{"a": -Infinity}', "parse", "metadata is not valid JSON: -Infinity is not valid JSON"),
+        (b'{"a": 1e999}', "validate", "metadata number beyond a double: 1e999"),
+        (b'{"a": -1.5e-999}', "validate", "metadata number beyond a double: -1.5e-999"),
+        (b'{"a": "x\\u0000"}', "validate", "metadata contains \\u0000, which jsonb cannot store"),
+        (b'{"\\u0000": 1}', "validate", "metadata contains \\u0000, which jsonb cannot store"),
+        (b'{"a": "\\udc00"}', "validate", "metadata contains an unpaired surrogate escape"),
+        (b'{"a": "\xff"}', "parse", "metadata is not valid UTF-8"),
+        ('{"a": "\ud800"}', "parse", "metadata is not valid UTF-8"),
+        (b'{"a":' * 65 + b"1" + b"}" * 65, "validate", "metadata nested deeper than 64 levels"),
+        (b'{"a":' + b"[" * 64 + b"]" * 64 + b"}", "validate", "metadata nested deeper than 64 levels"),
+        (b'{"a":' + b"[" * 30_000 + b"]" * 30_000 + b"}", "validate", "metadata nested deeper than 64 levels"),
+        (b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "validate", "metadata longer than 65536 bytes"),
+        (b'{"a":"' + b"x" * 10_000_000 + b'"}', "validate", "metadata longer than 65536 bytes"),
+    ],
+)
 def test_bad_metadata(metadata, step, reason):
     assert dead_letter(with_metadata(metadata)) == (step, reason)
 
@@ -280,7 +331,7 @@ def test_metadata_limits_are_inclusive():
     brackets = '{"a":"' + "[" * 1000 + '"}'  # brackets in strings are not nesting
     assert to_row(STREAM, ENTRY_ID, with_metadata(brackets))[4] == brackets
     pair = '{"a":"\\ud83d\\ude00 \\u00fc"}'
-    assert json.loads(to_row(STREAM, ENTRY_ID, with_metadata(pair))[4]) == {"a": "\U0001F600 ü"}
+    assert json.loads(to_row(STREAM, ENTRY_ID, with_metadata(pair))[4]) == {"a": "\U0001f600 ü"}
     big = '{"a":"' + "x" * (65536 - 8) + '"}'
     assert len(big) == 65536 and to_row(STREAM, ENTRY_ID, with_metadata(big))[4] == big
 
@@ -288,25 +339,32 @@ def test_metadata_limits_are_inclusive():
 def test_extra_fields_share_the_metadata_budget():
     half = b"x" * 40_000
     assert dead_letter({b"value": b"1", b"a": half, b"b": half}) == (
-        "validate", "metadata and extra fields larger than 65536 bytes")
+        "validate",
+        "metadata and extra fields larger than 65536 bytes",
+    )
     assert dead_letter(with_metadata(b'{"a":"' + half + b'"}', b=half)) == (
-        "validate", "metadata and extra fields larger than 65536 bytes")
+        "validate",
+        "metadata and extra fields larger than 65536 bytes",
+    )
 
 
-@pytest.mark.parametrize(("fields", "step", "reason"), [
-    ({b"value": b"1", b"unit": b"C\x00"}, "validate", "field 'unit' contains a NUL character"),
-    ({b"value": b"1", b"u\x00": b"C"}, "validate", "field 'u\\x00' contains a NUL character"),
-    ({b"value": b"1", b"un\xffit": b"C"}, "parse", "field name is not valid UTF-8"),
-    ({b"value": b"1", b"unit": b"\xc3\x28"}, "parse", "extra field is not valid UTF-8"),
-    ({b"value": b"1", b"unit": 5}, "parse", "extra field must be bytes or str, not int"),
-    ({b"value": b"1", 7: b"x"}, "parse", "field name must be bytes or str, not int"),
-    ({b"value": b"1", "value": "2"}, "parse", "a field name occurs twice (as bytes and as str)"),
-    ({b"value": b"1", b"unit": b"C", "unit": "F"}, "parse", "a field name occurs twice (as bytes and as str)"),
-    ({}, "parse", "value is missing"),
-    ({b"value": b"1", **{f"f{i}".encode(): b"x" for i in range(100)}}, "validate", "more than 100 fields"),
-    ([(b"value", b"1")], "parse", "fields must be a mapping, not list"),
-    (None, "parse", "fields must be a mapping, not NoneType"),
-])
+@pytest.mark.parametrize(
+    ("fields", "step", "reason"),
+    [
+        ({b"value": b"1", b"unit": b"C\x00"}, "validate", "field 'unit' contains a NUL character"),
+        ({b"value": b"1", b"u\x00": b"C"}, "validate", "field 'u\\x00' contains a NUL character"),
+        ({b"value": b"1", b"un\xffit": b"C"}, "parse", "field name is not valid UTF-8"),
+        ({b"value": b"1", b"unit": b"\xc3\x28"}, "parse", "extra field is not valid UTF-8"),
+        ({b"value": b"1", b"unit": 5}, "parse", "extra field must be bytes or str, not int"),
+        ({b"value": b"1", 7: b"x"}, "parse", "field name must be bytes or str, not int"),
+        ({b"value": b"1", "value": "2"}, "parse", "a field name occurs twice (as bytes and as str)"),
+        ({b"value": b"1", b"unit": b"C", "unit": "F"}, "parse", "a field name occurs twice (as bytes and as str)"),
+        ({}, "parse", "value is missing"),
+        ({b"value": b"1", **{f"f{i}".encode(): b"x" for i in range(100)}}, "validate", "more than 100 fields"),
+        ([(b"value", b"1")], "parse", "fields must be a mapping, not list"),
+        (None, "parse", "fields must be a mapping, not NoneType"),
+    ],
+)
 def test_bad_fields(fields, step, reason):
     assert dead_letter(fields) == (step, reason)
 
@@ -319,12 +377,17 @@ def test_ten_thousand_fields_are_refused_without_reading_them():
 
 
 def test_bytes_str_and_mixed_inputs_give_the_same_row():
-    as_bytes = to_row("mqtt_stream:Küche:t".encode(), b"1-0",
-                      {b"value": b"1.5", b"timestamp": b"1700000000", b"metadata": b'{"a":1}', b"u": b"C"})
-    as_str = to_row("mqtt_stream:Küche:t", "1-0",
-                    {"value": "1.5", "timestamp": "1700000000", "metadata": '{"a":1}', "u": "C"})
-    mixed = to_row("mqtt_stream:Küche:t", b"1-0",
-                   {b"value": "1.5", "timestamp": b"1700000000", b"metadata": '{"a":1}', "u": b"C"})
+    as_bytes = to_row(
+        "mqtt_stream:Küche:t".encode(),
+        b"1-0",
+        {b"value": b"1.5", b"timestamp": b"1700000000", b"metadata": b'{"a":1}', b"u": b"C"},
+    )
+    as_str = to_row(
+        "mqtt_stream:Küche:t", "1-0", {"value": "1.5", "timestamp": "1700000000", "metadata": '{"a":1}', "u": "C"}
+    )
+    mixed = to_row(
+        "mqtt_stream:Küche:t", b"1-0", {b"value": "1.5", "timestamp": b"1700000000", b"metadata": '{"a":1}', "u": b"C"}
+    )
     assert as_bytes == as_str == mixed
     assert all(type(part) is str for part in as_bytes[1:3])
 
@@ -356,26 +419,44 @@ def mostly(plausible, hostile):
 
 names = st.text(st.characters(codec="utf-8"), min_size=1, max_size=101)  # may hold ':', NUL, be too long
 streams = mostly(str_or_bytes(st.builds("mqtt_stream:{}:{}".format, names, names)), any_blob | st.none())
-entry_ids = mostly(str_or_bytes(st.builds("{}-{}".format, st.integers(min_value=0), st.integers(min_value=0))),
-                   any_blob)
-numbers = (st.floats().map(repr) | st.integers().map(str)
-           | st.sampled_from(["nan", "-Infinity", "1_0", "0x1A", " 1 ", "1e309", "١", "-0", ".", "e5", "+", ""]))
-timestamps = (st.datetimes(timezones=st.none() | st.just(UTC) | st.builds(
-    timezone, st.timedeltas(min_value=timedelta(hours=-23, minutes=-59), max_value=timedelta(hours=23, minutes=59))))
-    .map(datetime.isoformat)) | numbers
+entry_ids = mostly(
+    str_or_bytes(st.builds("{}-{}".format, st.integers(min_value=0), st.integers(min_value=0))), any_blob
+)
+numbers = (
+    st.floats().map(repr)
+    | st.integers().map(str)
+    | st.sampled_from(["nan", "-Infinity", "1_0", "0x1A", " 1 ", "1e309", "١", "-0", ".", "e5", "+", ""])
+)
+timestamps = (
+    st.datetimes(
+        timezones=st.none()
+        | st.just(UTC)
+        | st.builds(
+            timezone,
+            st.timedeltas(min_value=timedelta(hours=-23, minutes=-59), max_value=timedelta(hours=23, minutes=59)),
+        )
+    ).map(datetime.isoformat)
+) | numbers
 json_values = st.recursive(
     st.none() | st.booleans() | st.floats() | st.integers() | any_text,
     lambda children: st.lists(children, max_size=4) | st.dictionaries(any_text, children, max_size=4),
-    max_leaves=12)
+    max_leaves=12,
+)
 json_texts = (st.dictionaries(any_text, json_values, max_size=4) | json_values).flatmap(
-    lambda value: st.sampled_from([json.dumps(value), json.dumps(value, ensure_ascii=False)]))
+    lambda value: st.sampled_from([json.dumps(value), json.dumps(value, ensure_ascii=False)])
+)
 hostile_values = any_blob | st.integers() | st.floats() | st.none() | st.booleans()
 
 
 @st.composite
 def entry_fields(draw):
-    fields = draw(st.dictionaries(mostly(str_or_bytes(storable_text), any_blob),
-                                  mostly(str_or_bytes(storable_text), hostile_values), max_size=3))
+    fields = draw(
+        st.dictionaries(
+            mostly(str_or_bytes(storable_text), any_blob),
+            mostly(str_or_bytes(storable_text), hostile_values),
+            max_size=3,
+        )
+    )
     for name, plausible in (("value", numbers), ("timestamp", timestamps), ("metadata", json_texts)):
         if draw(mostly(st.just(True), st.just(False))):
             key = draw(st.sampled_from([name, name.encode()]))
@@ -428,11 +509,16 @@ def test_any_input_gives_a_storable_row_or_invalid_entry(stream, entry_id, field
         _check_json_storable(decoded)
 
 
-@given(value=st.floats(allow_nan=False, allow_infinity=False),
-       timestamp=st.datetimes(min_value=datetime(2, 1, 1), max_value=datetime(9998, 12, 31),
-                              timezones=st.none() | st.sampled_from(
-                                  [UTC, timezone(timedelta(hours=5, minutes=30)), timezone(timedelta(hours=-8))])),
-       as_bytes=st.booleans())
+@given(
+    value=st.floats(allow_nan=False, allow_infinity=False),
+    timestamp=st.datetimes(
+        min_value=datetime(2, 1, 1),
+        max_value=datetime(9998, 12, 31),
+        timezones=st.none()
+        | st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30)), timezone(timedelta(hours=-8))]),
+    ),
+    as_bytes=st.booleans(),
+)
 def test_valid_readings_round_trip(value, timestamp, as_bytes):
     fields = {"value": repr(value), "timestamp": timestamp.isoformat()}
     if as_bytes:
@@ -448,7 +534,7 @@ def test_epoch_milliseconds_round_trip(millis):
     assert row[0] == datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=millis)
 
 
-@given(millis=st.integers(min_value=-2**32 * 1000, max_value=2**32 * 1000))  # 1833..2106: exact in a double
+@given(millis=st.integers(min_value=-(2**32) * 1000, max_value=2**32 * 1000))  # 1833..2106: exact in a double
 def test_epoch_seconds_with_milliseconds_round_trip(millis):
     text = f"{'-' if millis < 0 else ''}{abs(millis) // 1000}.{abs(millis) % 1000:03}"
     row = to_row(STREAM, ENTRY_ID, with_timestamp(text.encode()))
@@ -458,11 +544,15 @@ def test_epoch_seconds_with_milliseconds_round_trip(millis):
 storable_json = st.recursive(
     st.none() | st.booleans() | st.floats(allow_nan=False, allow_infinity=False) | st.integers() | storable_text,
     lambda children: st.lists(children, max_size=4) | st.dictionaries(storable_text, children, max_size=4),
-    max_leaves=12)
+    max_leaves=12,
+)
 
 
-@given(metadata=st.dictionaries(storable_text, storable_json, max_size=5), indent=st.none() | st.integers(0, 2),
-       ensure_ascii=st.booleans())
+@given(
+    metadata=st.dictionaries(storable_text, storable_json, max_size=5),
+    indent=st.none() | st.integers(0, 2),
+    ensure_ascii=st.booleans(),
+)
 def test_valid_metadata_passes_through(metadata, indent, ensure_ascii):
     text = json.dumps(metadata, indent=indent, ensure_ascii=ensure_ascii)
     assert to_row(STREAM, ENTRY_ID, with_metadata(text.encode()))[4] == text

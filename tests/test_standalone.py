@@ -27,8 +27,21 @@ ROWS_WITHIN_S = 30  # after the servers are up
 STOP_TIMEOUT_S = 60
 DEMO_STREAM = "mqtt_stream:esp32-kitchen:temperature"
 # Settings that would point the script at other servers: the test wants the embedded ones.
-FOREIGN = ("REDIS_URL", "REDIS_HOST", "REDIS_PORT", "REDIS_DB", "REDIS_PASSWORD", "DATABASE_URL", "DB_NAME",
-           "DB_HOST", "DB_PORT", "DB_USER", "DB_PASSWORD", "WORKERS", "STANDALONE_DB_NAME")  # fmt: skip
+FOREIGN = (
+    "REDIS_URL",
+    "REDIS_HOST",
+    "REDIS_PORT",
+    "REDIS_DB",
+    "REDIS_PASSWORD",
+    "DATABASE_URL",
+    "DB_NAME",
+    "DB_HOST",
+    "DB_PORT",
+    "DB_USER",
+    "DB_PASSWORD",
+    "WORKERS",
+    "STANDALONE_DB_NAME",
+)
 
 pytestmark = pytest.mark.slow
 
@@ -55,9 +68,15 @@ class Run:
         self.started = time.monotonic()
         with open(log, "wb") as out:
             # --embedded: even a developer's .env naming other servers must not redirect the test.
-            self.proc = subprocess.Popen([str(ROOT / "run-standalone.sh"), "--demo", "--embedded"], cwd=ROOT,
-                                         env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)  # fmt: skip
+            self.proc = subprocess.Popen(
+                [str(ROOT / "run-standalone.sh"), "--demo", "--embedded"],
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -108,9 +127,7 @@ def stream_length(redis_url: str) -> int:
         return client.xlen(DEMO_STREAM)
 
 
-def test_demo_shows_rows_ctrl_c_stops_everything_and_a_restart_keeps_the_data(
-    data_dir: Path, tmp_path: Path
-) -> None:
+def test_demo_shows_rows_ctrl_c_stops_everything_and_a_restart_keeps_the_data(data_dir: Path, tmp_path: Path) -> None:
     first = Run(data_dir, tmp_path / "first.log")
     try:
         urls = first.urls()

@@ -3,19 +3,19 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
-from alembic import command
 
 import config
 import dead_letters
 import migrations
+from alembic import command
 from db_writer import DatabaseWriter, Ledger
 
 pytestmark = pytest.mark.timescale
-T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
 
 
 @pytest.fixture
@@ -38,7 +38,9 @@ def hypertable(url: str, table: str) -> tuple | None:
         return conn.execute(
             "SELECT d.time_interval FROM timescaledb_information.hypertables h"
             " JOIN timescaledb_information.dimensions d USING (hypertable_schema, hypertable_name)"
-            " WHERE h.hypertable_name = %s", [table]).fetchone()
+            " WHERE h.hypertable_name = %s",
+            [table],
+        ).fetchone()
 
 
 def test_upgrade_downgrade_upgrade_with_a_hypertable(tsdb_url, timescale):
@@ -64,8 +66,9 @@ def test_the_writer_on_a_hypertable(tsdb_url, timescale):
     writer = DatabaseWriter(settings)
     writer.open()
     try:
-        rows = [(T0 + timedelta(hours=h), "esp32", "temp", float(h), '{"unit":"C"}' if h % 2 else None)
-                for h in range(48)]  # two days: several chunks
+        rows = [
+            (T0 + timedelta(hours=h), "esp32", "temp", float(h), '{"unit":"C"}' if h % 2 else None) for h in range(48)
+        ]  # two days: several chunks
         ledger = Ledger("db_writer", "w1", ["mqtt_stream:esp32:temp"], ["1-0"], ["48-0"], [48])
         first = writer.write(rows, [], ledger, on_reject=lambda i, reason: pytest.fail(reason))
         assert (first.inserted, first.duplicates) == (48, 0)
@@ -79,7 +82,7 @@ def test_the_writer_on_a_hypertable(tsdb_url, timescale):
             rejected.append((index, reason))
             return dead_letters.make(b"mqtt_stream:esp32:temp", b"49-0", {b"value": b"99"}, "write", reason, 1)
 
-        second = writer.write(rows + [clash], [], ledger, on_reject=reject)
+        second = writer.write([*rows, clash], [], ledger, on_reject=reject)
         assert (second.inserted, second.duplicates) == (0, 48)
         assert [i for i, _ in rejected] == [48] and "already stored with value 0.0" in rejected[0][1]
     finally:

