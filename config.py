@@ -11,9 +11,10 @@ import re
 from typing import Literal
 from urllib.parse import quote, urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+import schema
 from errors import ConfigError
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -58,7 +59,9 @@ class Settings(BaseSettings):
     stream_rescan_sec: float = Field(10.0, gt=0)
     consumer_lock_ttl_sec: float = Field(10.0, ge=2)
 
-    # Streams
+    # Streams, and where a reading's identity comes from (see schema.Layout)
+    device_id_field: str | None = None
+    sensor_type_field: str | None = None
     stream_pattern: str = Field("mqtt_stream:*", min_length=1)
     dead_letter_stream: str = Field("mqtt_stream:failed", min_length=1)
     dead_letter_maxlen: int = Field(100_000, ge=100)
@@ -102,6 +105,32 @@ class Settings(BaseSettings):
         if not re.fullmatch(r"\d+\s*(second|minute|hour|day|week|month|year)s?", value.strip()):
             raise ValueError("must look like '1 day', '6 hours' or '2 weeks'")
         return value.strip()
+
+    @field_validator("device_id_field", "sensor_type_field")
+    @classmethod
+    def _identity_field(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if value in {"value", "timestamp", "metadata"}:
+            raise ValueError(f"{value!r} is a reading's own field; name the field that carries the identity")
+        return value
+
+    @field_validator("sensor_type_field")
+    @classmethod
+    def _both_identity_fields(cls, value: str | None, info: ValidationInfo) -> str | None:
+        device = info.data.get("device_id_field")
+        if (device is None) != (value is None):
+            raise ValueError("DEVICE_ID_FIELD and SENSOR_TYPE_FIELD are set together, or neither is")
+        if value is not None and value == device:
+            raise ValueError("must differ from DEVICE_ID_FIELD")
+        return value
+
+    @field_validator("stream_pattern")
+    @classmethod
+    def _splittable(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("device_id_field") is None and "sensor_type_field" in info.data:
+            schema.stream_prefix(value)  # the identity is in the stream name: the pattern must say where
+        return value
 
     @field_validator("redis_url")
     @classmethod
@@ -178,5 +207,6 @@ def _one_line(exc: ValidationError) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if not field:
         return f"invalid configuration: {message}"
-    shown = "" if field in _SECRET_FIELDS or "input" not in error else f" (got {error['input']!r})"
+    hidden = field in _SECRET_FIELDS or error.get("input") is None or repr(error.get("input")) in message
+    shown = "" if hidden else f" (got {error['input']!r})"
     return f"{field.upper()}: {message}{shown}"

@@ -33,12 +33,12 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 import dead_letters
 from config import Settings
 from errors import StartupError, TransientError
+from schema import COLUMN_TYPES, KEY_COLUMNS, Reading
 
 log = structlog.get_logger("db_writer")
 
-Row = tuple[datetime, str, str, float, "str | None"]
-_ROW_COLUMNS = ["timestamptz", "varchar", "varchar", "float8", "jsonb"]
-_STAGING_COLUMNS = ["int4", "timestamptz", "varchar", "varchar", "float8", "text"]
+_COLUMNS = list(COLUMN_TYPES)
+_VALUE_COLUMNS = [column for column in _COLUMNS if column not in KEY_COLUMNS]
 # Refused because of the rows themselves: isolate them. ProgramLimitExceeded (54xxx, e.g. an
 # index row too large) is an OperationalError in psycopg's tree, but retrying never helps.
 _ROW_ERRORS = (psycopg.DataError, psycopg.IntegrityError, psycopg.errors.ProgramLimitExceeded)
@@ -72,23 +72,31 @@ class DatabaseWriter:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._table = sql.Identifier(settings.table_name)
-        self._copy_rows = sql.SQL(
-            "COPY {} (timestamp, device_id, sensor_type, value, metadata) FROM STDIN (FORMAT BINARY)"
-        ).format(self._table)
+        columns = sql.SQL(", ").join(map(sql.Identifier, _COLUMNS))
+        self._copy_rows = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(self._table, columns)
+        # Staging columns typed as in the table: a cast would keep the conflict check off its index.
+        self._create_staging = sql.SQL("CREATE TEMP TABLE dbw_staging (idx int4, {}) ON COMMIT DROP").format(
+            sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(t)) for c, t in COLUMN_TYPES.items())
+        )
         # Earliest entry first, so it wins a key clash inside the batch.
         self._insert_staged = sql.SQL(
-            "INSERT INTO {} (timestamp, device_id, sensor_type, value, metadata)"
-            " SELECT ts, device_id, sensor_type, value, metadata::jsonb FROM dbw_staging ORDER BY idx"
-            " ON CONFLICT DO NOTHING RETURNING device_id, sensor_type, timestamp"
-        ).format(self._table)
+            "INSERT INTO {table} ({columns}) SELECT {columns} FROM dbw_staging ORDER BY idx"
+            " ON CONFLICT DO NOTHING RETURNING {key}"
+        ).format(table=self._table, columns=columns, key=sql.SQL(", ").join(map(sql.Identifier, KEY_COLUMNS)))
         # One primary-key lookup per staged row, whatever the planner thinks of the table's
         # size (LIMIT keeps the subquery from being flattened into a hash join).
         self._find_conflicts = sql.SQL(
-            "SELECT s.idx, t.value FROM dbw_staging s CROSS JOIN LATERAL ("
-            " SELECT value, metadata FROM {} WHERE device_id = s.device_id"
-            " AND sensor_type = s.sensor_type AND timestamp = s.ts LIMIT 1) t"
-            " WHERE t.value IS DISTINCT FROM s.value OR t.metadata IS DISTINCT FROM s.metadata::jsonb"
-        ).format(self._table)
+            "SELECT s.idx, {stored} FROM dbw_staging s CROSS JOIN LATERAL (SELECT {values} FROM {table} t"
+            " WHERE {same_key} LIMIT 1) t WHERE {differs}"
+        ).format(
+            stored=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in _VALUE_COLUMNS),
+            values=sql.SQL(", ").join(map(sql.Identifier, _VALUE_COLUMNS)),
+            table=self._table,
+            same_key=sql.SQL(" AND ").join(sql.SQL("t.{0} = s.{0}").format(sql.Identifier(c)) for c in KEY_COLUMNS),
+            differs=sql.SQL(" OR ").join(
+                sql.SQL("t.{0} IS DISTINCT FROM s.{0}").format(sql.Identifier(c)) for c in _VALUE_COLUMNS
+            ),
+        )
         self._pool: ConnectionPool | None = None
 
     def open(self) -> None:
@@ -151,7 +159,7 @@ class DatabaseWriter:
 
     def write(
         self,
-        rows: list[Row],
+        rows: list[Reading],
         letters: list[dead_letters.DeadLetter],
         ledger: Ledger,
         on_reject: Callable[[int, str], dead_letters.DeadLetter],
@@ -167,7 +175,7 @@ class DatabaseWriter:
                     with conn.transaction():
                         self._copy_into_table(conn, rows)
                         result = WriteResult(inserted=len(rows))
-                        keys = ((device, sensor, ts) for ts, device, sensor, _, _ in rows)
+                        keys = ((row.device_id, row.sensor_type, row.timestamp) for row in rows)
                         self._record(conn, keys, letters, ledger, result, len(rows) + len(letters))
                     return result
                 except _ROW_ERRORS:
@@ -190,24 +198,18 @@ class DatabaseWriter:
 
     # Rows
 
-    def _copy_into_table(self, conn: psycopg.Connection, rows: list[Row]) -> None:
-        with conn.cursor() as cur:
-            cur.adapters.register_dumper(_JsonText, _JsonTextDumper)  # metadata is JSON text already
-            with cur.copy(self._copy_rows) as copy:
-                copy.set_types(_ROW_COLUMNS)
-                for row in rows:
-                    copy.write_row(row)
+    def _copy_into_table(self, conn: psycopg.Connection, rows: list[Reading]) -> None:
+        with _json_text_cursor(conn) as cur, cur.copy(self._copy_rows) as copy:
+            copy.set_types(list(COLUMN_TYPES.values()))
+            for row in rows:
+                copy.write_row(row)
 
-    def _insert_carefully(self, conn: psycopg.Connection, rows: list[Row]) -> tuple[WriteResult, list]:
+    def _insert_carefully(self, conn: psycopg.Connection, rows: list[Reading]) -> tuple[WriteResult, list]:
         """Staging table, ON CONFLICT DO NOTHING, and savepoints to isolate refused rows."""
         result, inserted_keys = WriteResult(), []
         if not rows:
             return result, inserted_keys
-        conn.execute(
-            # Key columns typed as in the table: a cast would keep the conflict check off its index.
-            "CREATE TEMP TABLE dbw_staging (idx int4, ts timestamptz, device_id varchar, sensor_type varchar,"
-            " value float8, metadata text) ON COMMIT DROP"
-        )
+        conn.execute(self._create_staging)
         pending = [list(range(len(rows)))]
         staged = False  # rows of a part that committed to its savepoint stay in staging
         while pending:
@@ -227,20 +229,18 @@ class DatabaseWriter:
                 continue
             staged = True
             inserted_keys += keys
-            for index, stored in conflicts:
+            for index, *stored in conflicts:
                 result.rejected.append(index)
-                result.reasons[index] = (
-                    f"a reading for this device, sensor and timestamp is already stored with value {stored!r}"
-                )
+                result.reasons[index] = _conflict_reason(rows[index], dict(zip(_VALUE_COLUMNS, stored, strict=True)))
             result.duplicates += len(indexes) - len(keys) - len(conflicts)
         result.inserted = len(inserted_keys)
         result.rejected.sort()
         return result, inserted_keys
 
-    def _stage_and_insert(self, conn: psycopg.Connection, rows: list[Row], indexes: list[int]) -> tuple[list, list]:
-        with conn.cursor() as cur:
+    def _stage_and_insert(self, conn: psycopg.Connection, rows: list[Reading], indexes: list[int]) -> tuple[list, list]:
+        with _json_text_cursor(conn) as cur:
             with cur.copy("COPY dbw_staging FROM STDIN (FORMAT BINARY)") as copy:
-                copy.set_types(_STAGING_COLUMNS)
+                copy.set_types(["int4", *COLUMN_TYPES.values()])
                 for index in indexes:
                     copy.write_row((index, *rows[index]))
             keys = cur.execute(self._insert_staged).fetchall()
@@ -323,6 +323,21 @@ class DatabaseWriter:
                 ledger.counts,
             ],
         )
+
+
+def _conflict_reason(row: Reading, stored: dict) -> str:
+    """Why a reading is refused when its key is stored already, naming what differs."""
+    ours = row._asdict()
+    if "value" in stored and stored["value"] != ours["value"]:
+        return f"a reading for this device, sensor and timestamp is already stored with value {stored['value']!r}"
+    differs = ", ".join(column for column, value in stored.items() if value != ours[column])
+    return f"a reading for this device, sensor and timestamp is already stored with another {differs or 'content'}"
+
+
+def _json_text_cursor(conn: psycopg.Connection) -> psycopg.Cursor:
+    cur = conn.cursor()
+    cur.adapters.register_dumper(_JsonText, _JsonTextDumper)  # metadata is JSON text already
+    return cur
 
 
 class _JsonText(str):

@@ -33,9 +33,12 @@ class DeadLetter(NamedTuple):
     failed_at: float
 
 
-def make(stream: bytes, entry_id: bytes, fields: dict, step: str, error: str, delivery_count: int) -> DeadLetter:
+def make(
+    layout: schema.Layout, stream: bytes, entry_id: bytes, fields: dict, step: str, error: str, delivery_count: int
+) -> DeadLetter:
+    """The dead letter of one entry; its device and sensor as far as the layout can tell."""
     try:
-        device_id, sensor_type = schema.parse_stream_name(stream)
+        device_id, sensor_type = layout.identity(stream, fields)
     except schema.InvalidEntry:
         device_id = sensor_type = ""
     return DeadLetter(

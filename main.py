@@ -57,6 +57,7 @@ class DatabaseWriterService:
     def __init__(self, settings: Settings | None = None, metrics: Metrics | None = None) -> None:
         self.settings = settings or load_settings()
         self.metrics = metrics
+        self.layout = schema.Layout.from_settings(self.settings)
         self.stats = Stats()
         self.running = False
         self.stop_reason: str | None = None
@@ -131,7 +132,7 @@ class DatabaseWriterService:
         def reject(index: int, reason: str) -> dead_letters.DeadLetter:
             stream, entry_id, fields = sources[index]
             return dead_letters.make(
-                stream, entry_id, fields, "write", reason, batch.deliveries.get((stream, entry_id), 1)
+                self.layout, stream, entry_id, fields, "write", reason, batch.deliveries.get((stream, entry_id), 1)
             )
 
         written = time.perf_counter()
@@ -182,7 +183,7 @@ class DatabaseWriterService:
     def _transform(self, batch: redis_reader.Batch) -> tuple[list, list, list]:
         """Entries -> rows; a bad entry (or one delivered too often) -> dead letter."""
         rows, sources, letters = [], [], []
-        to_row, invalid = schema.to_row, schema.InvalidEntry
+        to_row, invalid, layout = self.layout.to_row, schema.InvalidEntry, self.layout
         deliveries, max_retries = batch.deliveries, self.settings.max_retries
         for entry in batch.entries:
             stream, entry_id, fields = entry
@@ -190,6 +191,7 @@ class DatabaseWriterService:
                 count = deliveries[(stream, entry_id)]
                 letters.append(
                     dead_letters.make(
+                        layout,
                         stream,
                         entry_id,
                         fields,
@@ -204,7 +206,7 @@ class DatabaseWriterService:
             except invalid as exc:
                 letters.append(
                     dead_letters.make(
-                        stream, entry_id, fields, exc.step, exc.reason, deliveries.get((stream, entry_id), 1)
+                        layout, stream, entry_id, fields, exc.step, exc.reason, deliveries.get((stream, entry_id), 1)
                     )
                 )
                 continue

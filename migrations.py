@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -18,7 +19,6 @@ from sqlalchemy import create_engine, pool
 from sqlalchemy.exc import OperationalError
 
 import timescale_policies
-from alembic import command
 from config import Settings, load_settings, mask_url
 from errors import ConfigError
 

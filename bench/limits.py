@@ -15,8 +15,9 @@ from datetime import datetime
 from statistics import median
 
 import psycopg
-from infra import GROUP, reset_groups
 from psycopg.types.json import Jsonb
+
+from infra import GROUP, reset_groups
 
 PER_READ = 1000
 PREFIX = len(b"mqtt_stream:")

@@ -29,12 +29,12 @@ from datetime import timedelta
 from pathlib import Path
 from statistics import median
 
-import infra
 import psycopg
-import report
-import workload
 
+import infra
+import report
 import scenarios
+import workload
 
 BATCH_SIZE = 1000
 DRAIN_STREAMS = 200

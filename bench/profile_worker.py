@@ -26,9 +26,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import infra
-import workload
-
 import scenarios
+import workload
 
 OWN = ("main.py", "redis_reader.py", "db_writer.py", "schema.py", "dead_letters.py", "read_ahead.py")
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^():]+):(?P<line>\d+)\)$")

@@ -33,9 +33,8 @@ from pathlib import Path
 import infra
 import limits
 import report
-import workload
-
 import scenarios
+import workload
 
 BATCH_SIZES = (100, 500, 1000, 2000)
 WORKERS = (1, 2)

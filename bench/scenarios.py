@@ -7,8 +7,9 @@ import os
 import time
 from datetime import UTC, datetime
 
-import infra
 import psycopg
+
+import infra
 import worker
 import workload
 

@@ -182,9 +182,8 @@ def temp_database(admin_url: str, name: str | None = None, template: str | None 
 
 def migrate(url: str) -> None:
     """Upgrade the database at `url` to the Alembic head, as a deploy would."""
-    from alembic.config import Config
-
     from alembic import command
+    from alembic.config import Config
 
     cfg = Config(str(ROOT / "alembic.ini"))
     cfg.set_main_option("script_location", str(ROOT / "alembic"))

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import psycopg
-from test_pipeline import T0, settings_for, start_worker, wait_for, worker_env
 
 import cli
 from main import DatabaseWriterService, build_parser
+from test_pipeline import T0, settings_for, start_worker, wait_for, worker_env
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP = "db_writer"

@@ -1,4 +1,4 @@
-"""Every hostile-corpus item through schema.to_row: the expected row or dead letter, quickly.
+"""Every hostile-corpus item through the default Layout.to_row: the expected row or dead letter, quickly.
 
 Each item runs as Redis delivers it (bytes) and, when it is all UTF-8, again as str
 (replays and tests pass str): both must give the same outcome.
@@ -10,10 +10,11 @@ import time
 from datetime import UTC, datetime
 
 import pytest
+
 from corpus import load_corpus
+from schema import InvalidEntry, Layout
 
-from schema import InvalidEntry, to_row
-
+to_row = Layout(prefix="mqtt_stream:").to_row
 ENTRY_ID = b"1700000000000-0"
 ENTRY_TIME = datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)
 CORPUS = list(load_corpus())

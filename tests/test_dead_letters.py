@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 
 import dead_letters
+from schema import Layout
+
+LAYOUT = Layout(prefix="mqtt_stream:")
 
 
 def test_record_has_the_original_readme_fields_and_a_trace():
     letter = dead_letters.make(
+        LAYOUT,
         b"mqtt_stream:esp32:temperature",
         b"1634567890123-0",
         {b"value": b"abc", b"timestamp": b"2023-10-18T14:30:00Z"},
@@ -59,13 +63,13 @@ def test_huge_entries_are_cut_and_marked():
 
 
 def test_unparseable_stream_names_still_make_a_record():
-    letter = dead_letters.make(b"\xff\xfe", b"1-0", {b"value": b"1"}, "parse", "bad stream", 1)
+    letter = dead_letters.make(LAYOUT, b"\xff\xfe", b"1-0", {b"value": b"1"}, "parse", "bad stream", 1)
     assert letter.device_id == "" and letter.original_stream == "\\xff\\xfe"
 
 
 def test_long_names_are_capped_by_bytes_for_the_indexed_columns():
     letter = dead_letters.make(
-        b"mqtt_stream:" + b"\xff" * 5000, b"1-0", {b"value": "é".encode() * 5000}, "parse", "x" * 10_000, 1
+        LAYOUT, b"mqtt_stream:" + b"\xff" * 5000, b"1-0", {b"value": "é".encode() * 5000}, "parse", "x" * 10_000, 1
     )
     assert len(letter.original_stream.encode()) <= 1000 and letter.original_stream.endswith("bytes]")
     assert len(letter.value.encode()) <= 1000 and len(letter.error.encode()) <= 2000

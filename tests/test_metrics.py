@@ -7,10 +7,9 @@ import threading
 import urllib.error
 import urllib.request
 
-from test_pipeline import settings_for, wait_for
-
 from main import DatabaseWriterService
 from metrics import Metrics, serve
+from test_pipeline import settings_for, wait_for
 
 
 def get(port: int, path: str) -> tuple[int, str]:

@@ -11,8 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schema import MAX_NAME_LENGTH, InvalidEntry, parse_stream_name, to_row
+from schema import COLUMN_TYPES, KEY_COLUMNS, MAX_NAME_LENGTH, InvalidEntry, Layout, Reading, stream_prefix
 
+LAYOUT = Layout(prefix="mqtt_stream:")  # the default: identity in the stream name
+to_row = LAYOUT.to_row
+parse_stream_name = LAYOUT.stream_identity
 STREAM = b"mqtt_stream:esp32:temp"
 ENTRY_ID = b"1700000000123-0"
 ENTRY_TIME = datetime(2023, 11, 14, 22, 13, 20, 123000, tzinfo=UTC)
@@ -70,7 +73,7 @@ def test_parse_stream_name(stream, expected):
 
 
 def test_parse_stream_name_with_another_prefix():
-    assert parse_stream_name(b"sensors/esp32:temp", prefix="sensors/") == ("esp32", "temp")
+    assert Layout(prefix="sensors/").stream_identity(b"sensors/esp32:temp") == ("esp32", "temp")
 
 
 @pytest.mark.parametrize(
@@ -99,6 +102,110 @@ def test_bad_stream_names(stream, step, reason):
     assert dead_letter(with_value(b"1"), stream=stream) == (step, reason)
 
 
+# --- layouts: where the identity comes from --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pattern", "prefix"),
+    [
+        ("mqtt_stream:*", "mqtt_stream:"),
+        ("telemetry:*", "telemetry:"),
+        ("sensors/*", "sensors/"),
+        ("ingest:{*", "ingest:"),
+        ("a:b:*", "a:b:"),
+        ("site-7:*:raw", "site-7:"),
+    ],
+)
+def test_stream_prefix_is_the_pattern_up_to_its_first_wildcard(pattern, prefix):
+    assert stream_prefix(pattern) == prefix
+
+
+@pytest.mark.parametrize(
+    ("pattern", "why"),
+    [
+        ("*:raw", "starts with a wildcard"),
+        ("*", "starts with a wildcard"),
+        ("mqtt:ingestion", "names one stream"),
+        ("mqtt_stream:esp*", "inside a name segment"),
+    ],
+)
+def test_patterns_that_cannot_be_split_are_refused_with_the_reason(pattern, why):
+    with pytest.raises(ValueError, match=why):
+        stream_prefix(pattern)
+
+
+def test_another_prefix_is_the_default_layout_with_that_prefix():
+    layout = Layout(prefix=stream_prefix("telemetry:*"))
+    row = layout.to_row(b"telemetry:wtg01:wind_speed", b"1-0", with_value(b"12.5"))
+    assert (row.device_id, row.sensor_type, row.value) == ("wtg01", "wind_speed", 12.5)
+    assert dead_letter(with_value(b"1"), stream=b"telemetry:wtg01:wind_speed")[1].startswith("stream name does not")
+
+
+@pytest.mark.parametrize(
+    ("stream", "expected"),
+    [
+        (b"mqtt_stream:{esp32}:temperature", ("esp32", "temperature")),
+        (b"mqtt_stream:{a4:cf:12:00:00:01}:temperature", ("a4:cf:12:00:00:01", "temperature")),
+        (b"mqtt_stream:esp32:{temperature}", ("esp32", "temperature")),
+        (b"mqtt_stream:{esp32}:{t}", ("esp32", "t")),
+        (b"mqtt_stream:{esp32:temperature", ("{esp32", "temperature")),  # no closing brace: no hash tag
+        (b"mqtt_stream:esp{32}:t", ("esp{32}", "t")),  # braces inside a segment are part of it
+    ],
+)
+def test_hash_tag_braces_around_a_segment_are_not_part_of_the_name(stream, expected):
+    assert parse_stream_name(stream) == expected
+
+
+def test_empty_hash_tag_is_an_empty_device_id():
+    assert dead_letter(with_value(b"1"), stream=b"mqtt_stream:{}:t") == ("parse", "stream name has an empty device_id")
+
+
+FIELDS = Layout(device_field="device_id", sensor_field="metric")  # the upstream's later producer
+
+
+def upstream(device=b"a4:cf:12:00:00:01", metric=b"temperature", **extra) -> dict:
+    """An entry as services/mqtt_ingestion/src/redis_writer.py writes it (naive utcnow().isoformat())."""
+    fields = {b"device_id": device, b"metric": metric, b"value": b"21.5", b"timestamp": b"2024-05-01T12:34:56.789123"}
+    fields.update({k.encode(): v for k, v in extra.items()})
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def test_identity_in_fields_takes_any_device_id_and_leaves_it_out_of_metadata():
+    row = FIELDS.to_row(b"mqtt:ingestion", b"1-0", upstream(rssi=b"-61"))
+    assert row == Reading(
+        datetime(2024, 5, 1, 12, 34, 56, 789123, tzinfo=UTC), "a4:cf:12:00:00:01", "temperature", 21.5, '{"rssi":"-61"}'
+    )
+    assert FIELDS.to_row(b"ingest:{3}", b"1-0", upstream()).metadata is None  # shard streams: any name
+    assert FIELDS.identity(b"anything", upstream(value=b"not a number")) == ("a4:cf:12:00:00:01", "temperature")
+
+
+@pytest.mark.parametrize(
+    ("fields", "step", "reason"),
+    [
+        (upstream(device=None), "parse", "device_id field 'device_id' is missing"),
+        (upstream(metric=None), "parse", "sensor_type field 'metric' is missing"),
+        (upstream(device=b""), "parse", "device_id field 'device_id' is empty"),
+        (upstream(device=b"d" * 101), "validate", "device_id longer than 100 characters"),
+        (upstream(metric=b"t\x00"), "validate", "sensor_type field 'metric' contains a NUL character"),
+        (upstream(device=b"\xff"), "parse", "device_id field 'device_id' is not valid UTF-8"),
+    ],
+)
+def test_identity_fields_that_are_missing_or_bad_name_the_field(fields, step, reason):
+    with pytest.raises(InvalidEntry) as caught:
+        FIELDS.to_row(b"mqtt:ingestion", b"1-0", fields)
+    assert (caught.value.step, caught.value.reason) == (step, reason)
+
+
+def test_a_layout_takes_a_prefix_or_both_fields():
+    for kwargs in ({}, {"device_field": "d"}, {"prefix": "p:", "device_field": "d", "sensor_field": "s"}):
+        with pytest.raises(ValueError):
+            Layout(**kwargs)
+
+
+def test_row_columns_are_one_fact():
+    assert tuple(COLUMN_TYPES) == Reading._fields and set(KEY_COLUMNS) < set(COLUMN_TYPES)
+
+
 # --- value ----------------------------------------------------------------------------------
 
 
@@ -121,12 +228,12 @@ def test_bad_stream_names(stream, step, reason):
     ],
 )
 def test_value(value, expected):
-    assert to_row(STREAM, ENTRY_ID, with_value(value))[3] == expected
+    assert to_row(STREAM, ENTRY_ID, with_value(value)).value == expected
 
 
 @pytest.mark.parametrize("value", [b"-0", b"-0.0", -0.0])
 def test_negative_zero_keeps_its_sign(value):
-    result = to_row(STREAM, ENTRY_ID, with_value(value))[3]
+    result = to_row(STREAM, ENTRY_ID, with_value(value)).value
     assert result == 0.0 and math.copysign(1, result) == -1
 
 
@@ -164,7 +271,7 @@ def test_values_accepted_are_exactly_plain_decimals(text):
     stripped = text.strip(" \t\x1f")
     plain = re.fullmatch(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", stripped)
     try:
-        value = to_row(STREAM, ENTRY_ID, with_value(text))[3]
+        value = to_row(STREAM, ENTRY_ID, with_value(text)).value
     except InvalidEntry:
         assert not plain or not math.isfinite(float(stripped))
     else:
@@ -209,13 +316,13 @@ def test_missing_value():
     ],
 )
 def test_timestamp(timestamp, expected):
-    result = to_row(STREAM, ENTRY_ID, with_timestamp(timestamp))[0]
+    result = to_row(STREAM, ENTRY_ID, with_timestamp(timestamp)).timestamp
     assert result == expected and result.tzinfo is UTC
 
 
 def test_missing_timestamp_is_the_entry_id_time():
-    assert to_row(STREAM, "1700000000123-7", {b"value": b"1"})[0] == ENTRY_TIME
-    assert to_row(STREAM, b"0-1", {"value": "1"})[0] == datetime(1970, 1, 1, tzinfo=UTC)
+    assert to_row(STREAM, "1700000000123-7", {b"value": b"1"}).timestamp == ENTRY_TIME
+    assert to_row(STREAM, b"0-1", {"value": "1"}).timestamp == datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @pytest.mark.parametrize(
@@ -265,7 +372,7 @@ def test_bad_timestamps(timestamp, step, reason):
 )
 def test_bad_entry_id_matters_only_without_timestamp(entry_id, step, reason):
     assert dead_letter({b"value": b"1"}, entry_id=entry_id) == (step, reason)
-    assert to_row(STREAM, entry_id, with_timestamp(b"2024-01-01T12:00:00Z"))[0] == NOON
+    assert to_row(STREAM, entry_id, with_timestamp(b"2024-01-01T12:00:00Z")).timestamp == NOON
 
 
 # --- metadata and extra fields --------------------------------------------------------------
@@ -273,23 +380,23 @@ def test_bad_entry_id_matters_only_without_timestamp(entry_id, step, reason):
 
 def test_metadata_text_passes_through_untouched():
     text = ' {"unit": "C", "battery": 87, "ort": "Küche"} '
-    assert to_row(STREAM, ENTRY_ID, with_metadata(text.encode()))[4] == text
-    assert to_row(STREAM, ENTRY_ID, with_metadata(text))[4] == text
+    assert to_row(STREAM, ENTRY_ID, with_metadata(text.encode())).metadata == text
+    assert to_row(STREAM, ENTRY_ID, with_metadata(text)).metadata == text
 
 
 @pytest.mark.parametrize("metadata", [b"", "", b" \r\n\t"])
 def test_empty_or_blank_metadata_is_none(metadata):
-    assert to_row(STREAM, ENTRY_ID, with_metadata(metadata))[4] is None
+    assert to_row(STREAM, ENTRY_ID, with_metadata(metadata)).metadata is None
 
 
 def test_extra_fields_become_metadata_strings():
     fields = {b"value": b"1", b"unit": b"C", "battery": "87"}
-    assert to_row(STREAM, ENTRY_ID, fields)[4] == '{"unit":"C","battery":"87"}'
+    assert to_row(STREAM, ENTRY_ID, fields).metadata == '{"unit":"C","battery":"87"}'
 
 
 def test_extra_fields_merge_and_explicit_metadata_wins():
     fields = with_metadata(b'{"unit": "F", "nested": {"a": [1, 2.5]}}', unit=b"C", room=b"K\xc3\xbcche")
-    assert to_row(STREAM, ENTRY_ID, fields)[4] == '{"unit":"F","room":"K\\u00fcche","nested":{"a":[1,2.5]}}'
+    assert to_row(STREAM, ENTRY_ID, fields).metadata == '{"unit":"F","room":"K\\u00fcche","nested":{"a":[1,2.5]}}'
 
 
 @pytest.mark.parametrize(
@@ -327,13 +434,13 @@ def test_bad_metadata(metadata, step, reason):
 
 def test_metadata_limits_are_inclusive():
     deep = '{"a":' + "[" * 63 + "]" * 63 + "}"  # 64 levels with the object itself
-    assert to_row(STREAM, ENTRY_ID, with_metadata(deep))[4] == deep
+    assert to_row(STREAM, ENTRY_ID, with_metadata(deep)).metadata == deep
     brackets = '{"a":"' + "[" * 1000 + '"}'  # brackets in strings are not nesting
-    assert to_row(STREAM, ENTRY_ID, with_metadata(brackets))[4] == brackets
+    assert to_row(STREAM, ENTRY_ID, with_metadata(brackets)).metadata == brackets
     pair = '{"a":"\\ud83d\\ude00 \\u00fc"}'
-    assert json.loads(to_row(STREAM, ENTRY_ID, with_metadata(pair))[4]) == {"a": "\U0001f600 ü"}
+    assert json.loads(to_row(STREAM, ENTRY_ID, with_metadata(pair)).metadata) == {"a": "\U0001f600 ü"}
     big = '{"a":"' + "x" * (65536 - 8) + '"}'
-    assert len(big) == 65536 and to_row(STREAM, ENTRY_ID, with_metadata(big))[4] == big
+    assert len(big) == 65536 and to_row(STREAM, ENTRY_ID, with_metadata(big)).metadata == big
 
 
 def test_extra_fields_share_the_metadata_budget():
@@ -395,7 +502,7 @@ def test_bytes_str_and_mixed_inputs_give_the_same_row():
 def test_duplicate_timestamps_are_both_rows():
     first = to_row(STREAM, b"1-0", with_value(b"20.0"))
     second = to_row(STREAM, b"1-1", with_value(b"21.0"))
-    assert first[0] == second[0] and (first[3], second[3]) == (20.0, 21.0)
+    assert first.timestamp == second.timestamp and (first.value, second.value) == (20.0, 21.0)
 
 
 # --- properties -----------------------------------------------------------------------------
@@ -496,7 +603,7 @@ def test_any_input_gives_a_storable_row_or_invalid_entry(stream, entry_id, field
     except InvalidEntry as exc:
         assert exc.step in ("parse", "validate") and str(exc) == exc.reason and exc.reason
         return
-    assert type(row) is tuple and len(row) == 5
+    assert type(row) is Reading and len(row) == len(COLUMN_TYPES)
     timestamp, device_id, sensor_type, value, metadata = row
     assert type(timestamp) is datetime and timestamp.tzinfo is UTC
     for name in (device_id, sensor_type):
@@ -524,21 +631,21 @@ def test_valid_readings_round_trip(value, timestamp, as_bytes):
     if as_bytes:
         fields = {k.encode(): v.encode() for k, v in fields.items()}
     row = to_row("mqtt_stream:dev:temp", "1-0", fields)
-    assert row[3] == value and math.copysign(1, row[3]) == math.copysign(1, value)
-    assert row[0] == (timestamp.replace(tzinfo=UTC) if timestamp.tzinfo is None else timestamp)
+    assert row.value == value and math.copysign(1, row.value) == math.copysign(1, value)
+    assert row.timestamp == (timestamp.replace(tzinfo=UTC) if timestamp.tzinfo is None else timestamp)
 
 
 @given(millis=st.integers(min_value=-62135596800000, max_value=253402300799999).filter(lambda ms: abs(ms) >= 1e11))
 def test_epoch_milliseconds_round_trip(millis):
     row = to_row(STREAM, ENTRY_ID, with_timestamp(str(millis).encode()))
-    assert row[0] == datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=millis)
+    assert row.timestamp == datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=millis)
 
 
 @given(millis=st.integers(min_value=-(2**32) * 1000, max_value=2**32 * 1000))  # 1833..2106: exact in a double
 def test_epoch_seconds_with_milliseconds_round_trip(millis):
     text = f"{'-' if millis < 0 else ''}{abs(millis) // 1000}.{abs(millis) % 1000:03}"
     row = to_row(STREAM, ENTRY_ID, with_timestamp(text.encode()))
-    assert row[0] == datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=millis)
+    assert row.timestamp == datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=millis)
 
 
 storable_json = st.recursive(
@@ -555,4 +662,4 @@ storable_json = st.recursive(
 )
 def test_valid_metadata_passes_through(metadata, indent, ensure_ascii):
     text = json.dumps(metadata, indent=indent, ensure_ascii=ensure_ascii)
-    assert to_row(STREAM, ENTRY_ID, with_metadata(text.encode()))[4] == text
+    assert to_row(STREAM, ENTRY_ID, with_metadata(text.encode())).metadata == text

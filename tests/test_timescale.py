@@ -7,12 +7,13 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
+from alembic import command
 
 import config
 import dead_letters
 import migrations
-from alembic import command
 from db_writer import DatabaseWriter, Ledger
+from schema import Layout, Reading
 
 pytestmark = pytest.mark.timescale
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -67,7 +68,8 @@ def test_the_writer_on_a_hypertable(tsdb_url, timescale):
     writer.open()
     try:
         rows = [
-            (T0 + timedelta(hours=h), "esp32", "temp", float(h), '{"unit":"C"}' if h % 2 else None) for h in range(48)
+            Reading(T0 + timedelta(hours=h), "esp32", "temp", float(h), '{"unit":"C"}' if h % 2 else None)
+            for h in range(48)
         ]  # two days: several chunks
         ledger = Ledger("db_writer", "w1", ["mqtt_stream:esp32:temp"], ["1-0"], ["48-0"], [48])
         first = writer.write(rows, [], ledger, on_reject=lambda i, reason: pytest.fail(reason))
@@ -75,12 +77,14 @@ def test_the_writer_on_a_hypertable(tsdb_url, timescale):
 
         # Redelivered (the careful path: staging table ON COMMIT DROP + ON CONFLICT DO NOTHING),
         # plus one reading whose key is stored with another value.
-        clash = (T0, "esp32", "temp", 99.0, None)
+        clash = Reading(T0, "esp32", "temp", 99.0, None)
         rejected = []
 
         def reject(index: int, reason: str) -> dead_letters.DeadLetter:
             rejected.append((index, reason))
-            return dead_letters.make(b"mqtt_stream:esp32:temp", b"49-0", {b"value": b"99"}, "write", reason, 1)
+            return dead_letters.make(
+                Layout(prefix="mqtt_stream:"), b"mqtt_stream:esp32:temp", b"49-0", {b"value": b"99"}, "write", reason, 1
+            )
 
         second = writer.write([*rows, clash], [], ledger, on_reject=reject)
         assert (second.inserted, second.duplicates) == (0, 48)

@@ -7,10 +7,10 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
+from alembic import command
 
 import config
 import migrations
-from alembic import command
 
 pytestmark = pytest.mark.timescale
 

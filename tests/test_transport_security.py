@@ -28,13 +28,13 @@ import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from test_pipeline import wait_for
 
 import config
 import migrations
 import servers
 from errors import TransientError
 from main import DatabaseWriterService
+from test_pipeline import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP = b"db_writer"

@@ -13,9 +13,8 @@ TIMESCALE_CHUNK_INTERVAL; its indexes are the same as on plain PostgreSQL
 from __future__ import annotations
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
-
 from alembic import context, op
+from sqlalchemy.dialects import postgresql
 
 revision = "0001"
 down_revision = None
