@@ -1,4 +1,4 @@
-"""Operator commands besides `run`: health, status, trace, dlq list and dlq replay.
+"""Operator commands besides `run`: health, status, trace, reconcile, dlq list and dlq replay.
 
 Each reads the same settings as the worker. A server that cannot be reached is one line
 on stderr and exit status 1, never a traceback.
@@ -14,11 +14,18 @@ from datetime import UTC, datetime
 
 import psycopg
 import redis
+from psycopg import sql
 
 import consumer_lock
 import dead_letters
+import redis_client
 import redis_reader
 from config import Settings, mask_url
+from schema import InvalidEntry, Layout
+
+
+class CommandError(Exception):
+    """A command cannot do what was asked: one line on stderr, exit status 2."""
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -35,6 +42,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     trace.add_argument("stream")
     trace.add_argument("entry_id")
     trace.add_argument("--json", action="store_true")
+    reconcile = commands.add_parser(
+        "reconcile",
+        help="check that every entry the group acknowledged and Redis still holds is written or dead-lettered"
+        " in this database (after a failover); report what is missing",
+    )
+    reconcile.add_argument("--repair", action="store_true", help="write the missing entries again (idempotent)")
+    reconcile.add_argument("--json", action="store_true", help="machine-readable output")
     dlq = commands.add_parser("dlq", help="dead letters: list, replay")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
     listing = dlq_commands.add_parser("list", help="newest dead letters, from the trace table")
@@ -49,9 +63,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def dispatch(args: argparse.Namespace, settings: Settings) -> int:
-    command = {"health": health, "status": status, "trace": trace, "dlq": dlq}[args.command]
+    command = {"health": health, "status": status, "trace": trace, "reconcile": reconcile, "dlq": dlq}[args.command]
     try:
         return command(args, settings)
+    except CommandError as exc:
+        print(f"db-writer: {exc}", file=sys.stderr)
+        return 2
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         return _fail(f"cannot reach Redis at {mask_url(settings.redis_dsn)}: {exc}")
     except psycopg.OperationalError as exc:
@@ -65,7 +82,7 @@ def _fail(message: str) -> int:
 
 
 def _redis(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(settings.redis_dsn, socket_timeout=5, socket_connect_timeout=3)
+    return redis_client.connect(settings, timeout_s=5)
 
 
 def _db(settings: Settings) -> psycopg.Connection:
@@ -110,11 +127,21 @@ def status(args: argparse.Namespace, settings: Settings) -> int:
     with _db(settings) as conn:
         report["dead_letter_table"] = conn.execute("SELECT count(*) FROM db_writer_dead_letters").fetchone()[0]
         if args.sensors:
+            # Silence is judged by arrival (last_written_at), not by the sensor's own clock.
             report["silent_sensors"] = [
-                {"device_id": d, "sensor_type": s, "last_seen": last.isoformat(), "readings": n}
-                for d, s, last, n in conn.execute(
-                    "SELECT device_id, sensor_type, last_seen, readings FROM db_writer_sensors"
-                    " WHERE last_seen < now() - make_interval(secs => %s) ORDER BY last_seen",
+                {
+                    "device_id": d,
+                    "sensor_type": s,
+                    "last_written_at": arrived.isoformat(),
+                    "last_reading_at": last.isoformat(),
+                    "clock_skew_s": round(skew, 3),
+                    "readings": n,
+                }
+                for d, s, arrived, last, skew, n in conn.execute(
+                    "SELECT device_id, sensor_type, max(last_written_at), max(last_seen),"
+                    " extract(epoch FROM max(last_written_at) - max(last_seen))::float8, sum(readings)::int8"
+                    " FROM db_writer_sensors GROUP BY 1, 2"
+                    " HAVING max(last_written_at) < now() - make_interval(secs => %s) ORDER BY 3",
                     [args.silent_for],
                 )
             ]
@@ -137,7 +164,10 @@ def status(args: argparse.Namespace, settings: Settings) -> int:
         silent = report["silent_sensors"]
         print(f"{len(silent)} sensors silent for more than {args.silent_for:g} s")
         for sensor in silent:
-            print(f"  {sensor['device_id']}:{sensor['sensor_type']}  last reading {sensor['last_seen']}")
+            print(
+                f"  {sensor['device_id']}:{sensor['sensor_type']}  last written {sensor['last_written_at']}"
+                f"  (its own clock: {sensor['last_reading_at']})"
+            )
     return 0
 
 
@@ -155,51 +185,182 @@ def trace(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def locate(settings: Settings, stream: str, entry_id: str) -> dict:
-    """Written, dead-lettered, pending, unread, or unknown: where the ledger, the trace
-    table and Redis put this entry, asked in that order."""
-    found = {"stream": stream, "entry_id": entry_id}
+    """Where one entry went. While Redis holds the entry, its row is looked up by its key:
+    the answer is exact. Once Redis has trimmed it, the ledger says what it knows, and how
+    sure that is. Every lookup is by an index: milliseconds, however big the tables."""
+    layout = Layout.from_settings(settings)
+    found: dict = {"stream": stream, "entry_id": entry_id}
+    try:
+        target = redis_reader.id_key(entry_id)
+    except ValueError:
+        raise CommandError(
+            f"{entry_id!r} is not a Redis entry id (milliseconds-sequence, e.g. 1700000000000-0)"
+        ) from None
+    client = _redis(settings)
+    entries = client.xrange(stream, entry_id, entry_id) if client.exists(stream) else []
     with _db(settings) as conn:
         letter = conn.execute(
             "SELECT failed_at, step, error, consumer, delivery_count, replayed_at FROM db_writer_dead_letters"
-            " WHERE original_stream = %s AND original_id = %s ORDER BY id DESC LIMIT 1",
+            " WHERE original_stream = %s AND original_id = %s",
             [stream, entry_id],
         ).fetchone()
         if letter:
             keys = ("failed_at", "step", "error", "consumer", "delivery_count", "replayed_at")
             return found | {"state": "dead-lettered"} | dict(zip(keys, letter, strict=True))
-        target = redis_reader.id_key(entry_id.encode())
-        for batch, committed, consumer, first, last in conn.execute(
-            "SELECT b.id, b.committed_at, b.consumer, s.first_id, s.last_id FROM db_writer_batches b,"
-            " unnest(b.streams, b.first_ids, b.last_ids) AS s(stream, first_id, last_id)"
-            " WHERE b.streams @> ARRAY[%s] AND s.stream = %s ORDER BY b.id",
-            [stream, stream],
-        ):
-            if redis_reader.id_key(first.encode()) <= target <= redis_reader.id_key(last.encode()):
-                return found | {"state": "written", "batch": batch, "committed_at": committed, "consumer": consumer}
-    client = _redis(settings)
+        if entries:
+            _, fields = entries[0]
+            try:
+                row = layout.to_row(stream.encode(), entry_id.encode(), fields)
+            except InvalidEntry as exc:
+                row, invalid = None, exc.reason
+            else:
+                invalid = None
+                stored = conn.execute(
+                    sql.SQL(
+                        "SELECT value, created_at FROM {} WHERE device_id = %s AND sensor_type = %s AND timestamp = %s"
+                    ).format(sql.Identifier(settings.table_name)),
+                    [row.device_id, row.sensor_type, row.timestamp],
+                ).fetchone()
+                if stored and stored[0] == row.value:
+                    return found | {
+                        "state": "written",
+                        "device_id": row.device_id,
+                        "sensor_type": row.sensor_type,
+                        "timestamp": row.timestamp,
+                        "written_at": stored[1],
+                    }
+                if stored:
+                    found["note"] = f"its key holds another reading (value {stored[0]!r})"
+        progress = conn.execute(
+            "SELECT consumer, first_id, last_id FROM db_writer_progress WHERE consumer_group = %s AND stream = %s",
+            [settings.consumer_group_name, stream],
+        ).fetchall()
+        checked = conn.execute(
+            "SELECT checked_through, checked_at FROM db_writer_streams WHERE consumer_group = %s AND stream = %s",
+            [settings.consumer_group_name, stream],
+        ).fetchone()
+    if entries:
+        return found | _in_redis(client, settings, stream, entry_id, row is None, invalid)
+    # Redis no longer holds it, or never did: an id past the last one Redis generated, or
+    # within what the stream still holds (and never deleted one by one), never existed.
+    if _never_existed(client, stream, target):
+        return found | {"state": "no such entry", "note": "the stream never held this id"}
+    handled_by = [c for c, lo, hi in progress if redis_reader.id_key(lo) <= target <= redis_reader.id_key(hi)]
+    if checked and target <= redis_reader.id_key(checked[0]):
+        return found | {
+            "state": "trimmed, verified",
+            "verified_at": checked[1],
+            "note": f"every entry of this stream up to {checked[0]} was verified as written or"
+            " dead-lettered; if this id existed, it was written",
+        }
+    if handled_by:
+        return found | {
+            "state": "trimmed, handled",
+            "consumers": handled_by,
+            "note": "within the ids these workers handled, not verified one by one: written if it existed,"
+            " unless it was lost in a database failover before reconciliation",
+        }
+    return found | {
+        "state": "unknown",
+        "in_stream": False,
+        "note": "no row, dead letter or ledger record covers it (a wrong id, or trimmed before it was read)",
+    }
+
+
+def _never_existed(client: redis.Redis, stream: str, target: tuple[int, int]) -> bool:
+    if not client.exists(stream):
+        return False
+    info = client.xinfo_stream(stream)
+    if target > redis_reader.id_key(info["last-generated-id"]):
+        return True
+    if info.get("entries-added") is not None and int(info["entries-added"]) == int(info["length"]):
+        return True  # nothing was ever removed from this stream
+    first, deleted = info.get("first-entry"), info.get("max-deleted-entry-id")
+    within = first is not None and target >= redis_reader.id_key(first[0])
+    return within and (deleted is None or target > redis_reader.id_key(deleted))
+
+
+def _in_redis(
+    client: redis.Redis, settings: Settings, stream: str, entry_id: str, invalid: bool, reason: str | None
+) -> dict:
+    """An entry Redis still holds, without its row or dead letter: pending, unread, or missing."""
+    group = settings.consumer_group_name
     try:
-        pending = client.xpending_range(stream, settings.consumer_group_name, min=entry_id, max=entry_id, count=1)
-        groups = client.xinfo_groups(stream)
-    except redis.ResponseError:  # no such stream or group
-        pending, groups = [], []
+        pending = client.xpending_range(stream, group, min=entry_id, max=entry_id, count=1)
+        info = next((g for g in client.xinfo_groups(stream) if redis_reader.as_text(g.get("name")) == group), None)
+    except redis.ResponseError:  # no group
+        pending, info = [], None
     if pending:
         item = pending[0]
-        return found | {
+        return {
             "state": "pending",
             "consumer": item["consumer"].decode(),
             "deliveries": item["times_delivered"],
             "idle_ms": item["time_since_delivered"],
         }
-    exists = bool(client.xrange(stream, entry_id, entry_id)) if client.exists(stream) else False
-    info = next((g for g in groups if redis_reader.as_text(g.get("name")) == settings.consumer_group_name), None)
-    last_delivered = redis_reader.as_text(info["last-delivered-id"]) if info else "0-0"
-    if exists and target > redis_reader.id_key(last_delivered.encode()):
-        return found | {"state": "not yet read"}
-    return found | {
-        "state": "unknown",
-        "in_stream": exists,
-        "note": "no ledger, dead letter or pending record (a wrong id, or trimmed before it was read)",
+    last = redis_reader.as_text(info["last-delivered-id"]) if info else "0-0"
+    if redis_reader.id_key(entry_id) > redis_reader.id_key(last):
+        return {"state": "not yet read"} | ({"will be dead-lettered": reason} if invalid else {})
+    what = f"a dead letter ({reason})" if invalid else "its row"
+    return {
+        "state": "missing",
+        "note": f"acknowledged, but {what} is not in this database (a failover?):"
+        " `main.py reconcile --repair` writes it again",
     }
+
+
+# reconcile
+
+
+def reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    from db_writer import DatabaseWriter
+    from ledger import Ledger
+    from reconcile import Reconciler
+
+    client = _redis(settings)
+    streams = redis_reader.discover(client, settings.stream_pattern, settings.dead_letter_stream.encode())
+    writer = DatabaseWriter(settings)
+    writer.open()
+    try:
+        reader = redis_reader.StreamReader(client, settings)
+        reconciler = Reconciler(
+            client,
+            writer,
+            Ledger(writer, settings),
+            Layout.from_settings(settings),
+            settings.consumer_group_name,
+            reader.publish_dead_letters,
+        )
+        report = reconciler.run(streams, repair=args.repair)
+    finally:
+        writer.close()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "checked": report.checked,
+                    "missing": report.missing,
+                    "repaired": report.repaired,
+                    "streams": [asdict(s) for s in report.streams if s.missing or s.unverifiable],
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(
+            f"{len(streams)} streams: {report.checked} acknowledged entries checked, {report.missing} missing"
+            + (f", {report.repaired} written again" if args.repair else "")
+        )
+        for part in report.streams:
+            if part.missing:
+                print(f"  {part.stream}: {part.missing} missing")
+            if part.unverifiable:
+                count = "an unknown number" if part.unverifiable_count is None else f"at most {part.unverifiable_count}"
+                print(
+                    f"  {part.stream}: {count} entries in {part.unverifiable} were trimmed from Redis before"
+                    " they could be verified"
+                )
+    return 1 if report.missing > report.repaired else 0
 
 
 # dlq

@@ -8,7 +8,7 @@ prints before exiting with status 2.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
@@ -19,7 +19,7 @@ from errors import ConfigError
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
-_SECRET_FIELDS = {"redis_password", "redis_url", "database_url", "db_password"}
+_SECRET_FIELDS = {"redis_password", "redis_url", "database_url", "db_password", "redis_sentinel_password"}
 
 
 class Settings(BaseSettings):
@@ -30,12 +30,19 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", validate_default=True)
 
-    # Redis: REDIS_URL (redis:// or rediss:// for TLS) wins over the parts.
+    # Redis: REDIS_URL (redis:// or rediss:// for TLS) wins over the parts. REDIS_MODE picks
+    # the topology: one server, a cluster (REDIS_URL names a startup node) or a primary
+    # that Sentinel manages (REDIS_SENTINELS, REDIS_SENTINEL_MASTER).
+    redis_mode: Literal["standalone", "cluster", "sentinel"] = "standalone"
+    redis_sentinels: str | None = None
+    redis_sentinel_master: str | None = None
+    redis_sentinel_password: SecretStr | None = None
     redis_url: SecretStr | None = None
     redis_host: str = "localhost"
     redis_port: int = Field(6379, ge=1, le=65535)
     redis_db: int = Field(0, ge=0)
     redis_password: SecretStr | None = None
+    redis_socket_timeout_sec: float = Field(10.0, gt=0)  # a command unanswered this long: the connection is dead
 
     # PostgreSQL: DATABASE_URL wins over the DB_* parts.
     database_url: SecretStr | None = None
@@ -47,12 +54,24 @@ class Settings(BaseSettings):
     db_pool_min_size: int = Field(1, ge=1)
     db_pool_max_size: int = Field(4, ge=1, le=100)
     db_connect_timeout_s: float = Field(5.0, gt=0)
+    # Every database call is bounded: a half-open connection (packets dropped, nothing
+    # closed) is detected by TCP keepalives while waiting for an answer and by
+    # tcp_user_timeout while data is unacknowledged; the server cancels a statement
+    # that runs too long, and a lock wait, and a transaction left idle by a frozen worker.
+    db_statement_timeout_sec: float = Field(60.0, ge=0)
+    db_lock_timeout_sec: float = Field(1.0, ge=0)
+    db_idle_in_transaction_timeout_sec: float = Field(10.0, ge=0)
+    db_tcp_user_timeout_sec: float = Field(10.0, ge=0)
+    db_keepalives_idle_sec: int = Field(5, ge=1)
+    db_keepalives_interval_sec: int = Field(2, ge=1)
+    db_keepalives_count: int = Field(3, ge=1)
 
     # Consumers
     consumer_group_name: str = Field("db_writer", min_length=1)
     consumer_name: str = Field("worker-01", min_length=1, max_length=200)
-    batch_size: int = Field(100, ge=1, le=100_000)
+    batch_size: int = Field(1000, ge=1, le=100_000)
     batch_timeout_sec: float = Field(5.0, gt=0, le=300)
+    batch_linger_ms: float = Field(100.0, ge=0, le=60_000)
     processing_interval_sec: float = Field(0.0, ge=0, le=60)
     max_retries: int = Field(5, ge=1, le=1000)
     claim_idle_ms: int = Field(60_000, ge=1000)
@@ -65,6 +84,10 @@ class Settings(BaseSettings):
     stream_pattern: str = Field("mqtt_stream:*", min_length=1)
     dead_letter_stream: str = Field("mqtt_stream:failed", min_length=1)
     dead_letter_maxlen: int = Field(100_000, ge=100)
+    dead_letter_retention: str | None = "90 days"
+
+    # The ledger (db_writer_progress, db_writer_streams) and the sensor registry
+    ledger_retention: str | None = "30 days"
 
     # Database schema
     table_name: str = "sensor_readings"
@@ -97,7 +120,13 @@ class Settings(BaseSettings):
             raise ValueError("must be a plain SQL identifier (letters, digits, _; at most 63 characters)")
         return value
 
-    @field_validator("timescale_chunk_interval", "timescale_compress_after", "timescale_retention")
+    @field_validator(
+        "timescale_chunk_interval",
+        "timescale_compress_after",
+        "timescale_retention",
+        "ledger_retention",
+        "dead_letter_retention",
+    )
     @classmethod
     def _interval(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
@@ -105,6 +134,22 @@ class Settings(BaseSettings):
         if not re.fullmatch(r"\d+\s*(second|minute|hour|day|week|month|year)s?", value.strip()):
             raise ValueError("must look like '1 day', '6 hours' or '2 weeks'")
         return value.strip()
+
+    @field_validator("redis_mode", mode="before")
+    @classmethod
+    def _mode_lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinel_addresses(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        for address in value.split(","):
+            host, _, port = address.strip().rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"must be host:port[,host:port...] (bad address {address.strip()!r})")
+        return value
 
     @field_validator("device_id_field", "sensor_type_field")
     @classmethod
@@ -152,6 +197,14 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _topology(self) -> Settings:
+        if self.redis_mode == "sentinel" and not (self.redis_sentinels and self.redis_sentinel_master):
+            raise ValueError("REDIS_MODE=sentinel needs REDIS_SENTINELS (host:port,...) and REDIS_SENTINEL_MASTER")
+        if self.redis_mode == "cluster" and self.redis_db:
+            raise ValueError("REDIS_MODE=cluster: a Redis Cluster has database 0 only (REDIS_DB)")
+        return self
+
+    @model_validator(mode="after")
     def _database_named(self) -> Settings:
         if self.database_url is None and not self.db_name:
             raise ValueError("DATABASE_URL (or DB_NAME with DB_HOST/DB_PORT/DB_USER/DB_PASSWORD) must be set")
@@ -167,6 +220,13 @@ class Settings(BaseSettings):
             return self.redis_url.get_secret_value()
         auth = f":{quote(self.redis_password.get_secret_value(), safe='')}@" if self.redis_password else ""
         return f"redis://{auth}{self.redis_host}:{self.redis_port}/{self.redis_db}"
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        return [
+            (h.strip(), int(p))
+            for h, _, p in (a.strip().rpartition(":") for a in (self.redis_sentinels or "").split(","))
+        ]
 
     @property
     def postgres_dsn(self) -> str:
@@ -186,13 +246,32 @@ class Settings(BaseSettings):
     def block_ms(self) -> int:
         return int(self.batch_timeout_sec * 1000)
 
+    @property
+    def postgres_connect_kwargs(self) -> dict[str, object]:
+        """libpq options that bound a connection's network waits (see the settings above),
+        and which worker it is (application_name); an option DATABASE_URL sets itself wins."""
+        from psycopg.conninfo import conninfo_to_dict
+
+        kwargs: dict[str, object] = {
+            "application_name": f"db-writer {self.consumer_name}"[:63],  # which worker, in pg_stat_activity
+            "connect_timeout": max(1, round(self.db_connect_timeout_s)),
+            "keepalives": 1,
+            "keepalives_idle": self.db_keepalives_idle_sec,
+            "keepalives_interval": self.db_keepalives_interval_sec,
+            "keepalives_count": self.db_keepalives_count,
+        }
+        if self.db_tcp_user_timeout_sec:
+            kwargs["tcp_user_timeout"] = round(self.db_tcp_user_timeout_sec * 1000)
+        given = conninfo_to_dict(self.postgres_dsn)
+        return {name: value for name, value in kwargs.items() if name not in given}
+
 
 def mask_url(url: str) -> str:
     """The URL with its password replaced, for logs and messages."""
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Build the settings from the environment; overrides (for tests) win over it."""
     try:
         return Settings(**overrides)
@@ -205,8 +284,8 @@ def _one_line(exc: ValidationError) -> str:
     error = exc.errors(include_url=False)[0]
     field = str(error["loc"][0]) if error["loc"] else ""
     message = error["msg"].removeprefix("Value error, ")
-    if not field:
-        return f"invalid configuration: {message}"
+    if not field:  # a rule over several settings: its message starts with the variable to fix
+        return message if re.match(r"[A-Z][A-Z_]+[ =:]", message) else f"invalid configuration: {message}"
     hidden = field in _SECRET_FIELDS or error.get("input") is None or repr(error.get("input")) in message
     shown = "" if hidden else f" (got {error['input']!r})"
     return f"{field.upper()}: {message}{shown}"

@@ -19,6 +19,7 @@ import redis
 import structlog
 
 from errors import StartupError
+from redis_client import translated
 
 log = structlog.get_logger("consumer_lock")
 
@@ -39,8 +40,11 @@ def lock_key(group: str, consumer: str) -> str:
 
 def holder(client: redis.Redis, group: str, consumer: str) -> str | None:
     """`host|pid|token` of the live worker holding this name, or None."""
-    value = client.get(lock_key(group, consumer))
-    return value.decode(errors="replace") if value else None
+    return _text(client.get(lock_key(group, consumer))) or None
+
+
+def _text(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value or "")
 
 
 class ConsumerLock:
@@ -55,11 +59,18 @@ class ConsumerLock:
         self.lost = threading.Event()  # set when another process holds our name
 
     def acquire(self) -> None:
+        """Take the name, waiting out a crashed holder's TTL; Redis errors are translated."""
+        with translated("take the consumer name"):
+            self._acquire()
+        self._thread = threading.Thread(target=self._heartbeat, name="consumer-lock", daemon=True)
+        self._thread.start()
+
+    def _acquire(self) -> None:
         deadline = time.monotonic() + self._ttl_ms / 1000 + 1
         while True:
             if self._redis.set(self.key, self._token, nx=True, px=self._ttl_ms):
                 break
-            holder = (self._redis.get(self.key) or b"").decode(errors="replace")
+            holder = _text(self._redis.get(self.key))
             if _is_dead_local_process(holder):
                 log.info("taking over the name of a crashed worker", consumer=self._consumer, previous=holder)
                 self._redis.set(self.key, self._token, px=self._ttl_ms)
@@ -71,8 +82,6 @@ class ConsumerLock:
                     "give each worker its own CONSUMER_NAME"
                 )
             time.sleep(0.5)
-        self._thread = threading.Thread(target=self._heartbeat, name="consumer-lock", daemon=True)
-        self._thread.start()
 
     def release(self) -> None:
         self._stop.set()

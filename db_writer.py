@@ -9,10 +9,17 @@ DROP, so it works behind PgBouncer in transaction mode), then INSERT ... SELECT
 the database refuses. A key stored with another value is reported, never
 dropped silently ("first write wins").
 
-Either way the same transaction also upserts the sensor registry, records the
-dead letters' trace rows and the ledger row: a batch is recorded entirely or not
-at all. Connection problems become TransientError: the caller retries, and
-nothing is acked.
+Either way the same transaction also upserts this worker's sensor-registry rows and
+records the dead letters (one per entry, whatever the redeliveries): a batch is recorded
+entirely or not at all. Nothing in it is shared with another worker, so no worker ever
+waits for another's commit. Every transaction starts with SET LOCAL timeouts (a statement,
+a lock wait, an idle transaction) and reads which server it is on, so a failover is
+noticed at the first batch after it.
+
+How an error is classified lives here (`classify`): a lost or busy server is transient
+(retried, nothing acked); an error raised for some rows (a data error, a constraint, a
+user's trigger or rule) is isolated to those rows, which become dead letters; anything
+else says nothing about the rows and is retried too, never turned into dead letters.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import psycopg
 import structlog
@@ -31,32 +39,58 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 import dead_letters
-from config import Settings
-from errors import StartupError, TransientError
+from config import Settings, mask_url
+from errors import LockTimeout, PermanentAtStart, Refused, StartupError, TransientError
 from schema import COLUMN_TYPES, KEY_COLUMNS, Reading
 
 log = structlog.get_logger("db_writer")
 
 _COLUMNS = list(COLUMN_TYPES)
 _VALUE_COLUMNS = [column for column in _COLUMNS if column not in KEY_COLUMNS]
-# Refused because of the rows themselves: isolate them. ProgramLimitExceeded (54xxx, e.g. an
-# index row too large) is an OperationalError in psycopg's tree, but retrying never helps.
-_ROW_ERRORS = (psycopg.DataError, psycopg.IntegrityError, psycopg.errors.ProgramLimitExceeded)
-# SQLSTATE classes that pass with time: connection, transaction rollback (serialization,
-# deadlock), insufficient resources, operator intervention (shutdown), system errors.
-_TRANSIENT_CLASSES = ("08", "40", "53", "57", "58")
+
+# SQLSTATE classes raised because of particular rows: data exceptions, integrity constraints,
+# program limits (an index row too large), and what a table's own logic raises for a row:
+# PL/pgSQL RAISE, routine and trigger errors, WITH CHECK OPTION, triggered actions.
+_ROW_CLASSES = ("22", "23", "54", "P0", "2F", "38", "39", "44", "27", "09")
+# Classes and states that pass with time: connection, transaction rollback (serialization,
+# deadlock), insufficient resources, operator intervention (shutdown, cancel), system and
+# internal errors, a read-only server (a standby, or default_transaction_read_only),
+# a lock timeout, a transaction killed for idling, recovery in progress, an object in use.
+_TRANSIENT_CLASSES = ("08", "40", "53", "57", "58", "F0", "XX")
+_TRANSIENT_STATES = {"25006", "25P03", "55P03", "55000", "55006"}
+# At start-up these will not pass by waiting: fix the setting.
+_PERMANENT_AT_START = {
+    "28000": "the server refused the user",
+    "28P01": "the server refused the password",
+    "3D000": "the database does not exist",
+    "42704": "a role does not exist",
+}
 
 
-@dataclass
-class Ledger:
-    """What the batch row in db_writer_batches says about one batch."""
+def classify(exc: BaseException) -> str:
+    """'transient', 'rows' (isolate the rows) or 'refused' (says nothing about the rows)."""
+    if isinstance(exc, PoolTimeout):
+        return "transient"
+    state = getattr(exc, "sqlstate", None)
+    if state is None:  # no server answer at all: the connection failed or was lost
+        return "transient" if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError) else "refused"
+    if state in _TRANSIENT_STATES or state.startswith(_TRANSIENT_CLASSES):
+        return "transient"
+    if state.startswith(_ROW_CLASSES):
+        return "rows"
+    return "refused"
 
-    consumer_group: str
-    consumer: str
-    streams: list[str] = field(default_factory=list)
-    first_ids: list[str] = field(default_factory=list)
-    last_ids: list[str] = field(default_factory=list)
-    counts: list[int] = field(default_factory=list)
+
+@dataclass(frozen=True)
+class Server:
+    """Which PostgreSQL server a transaction ran on: a promoted standby keeps the system
+    identifier and starts a new timeline; another cluster has another identifier."""
+
+    system_identifier: int
+    timeline: int
+
+    def __str__(self) -> str:
+        return f"system {self.system_identifier}, timeline {self.timeline}"
 
 
 @dataclass
@@ -65,12 +99,17 @@ class WriteResult:
     duplicates: int = 0  # already stored with the same value: a redelivery
     rejected: list[int] = field(default_factory=list)  # indexes into rows, with reasons below
     reasons: dict[int, str] = field(default_factory=dict)
-    letters: list[dead_letters.DeadLetter] = field(default_factory=list)
+    letters: list[dead_letters.DeadLetter] = field(default_factory=list)  # made for rejected rows
+    new_letters: int = 0  # dead letters recorded for the first time (not redeliveries)
+    server: Server | None = None
+    duplicate_rows: set[int] = field(default_factory=set)  # indexes of the duplicates (careful path only)
 
 
 class DatabaseWriter:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        self._consumer = settings.consumer_name
+        self._group = settings.consumer_group_name
         self._table = sql.Identifier(settings.table_name)
         columns = sql.SQL(", ").join(map(sql.Identifier, _COLUMNS))
         self._copy_rows = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(self._table, columns)
@@ -97,6 +136,18 @@ class DatabaseWriter:
                 sql.SQL("t.{0} IS DISTINCT FROM s.{0}").format(sql.Identifier(c)) for c in _VALUE_COLUMNS
             ),
         )
+        # SET LOCAL: nothing outlives the transaction, so PgBouncer's transaction pooling is safe.
+        self._begin = (
+            "SELECT set_config('statement_timeout', %s, true), set_config('lock_timeout', %s, true),"
+            " set_config('idle_in_transaction_session_timeout', %s, true),"
+            " (pg_control_system()).system_identifier,"
+            " CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_current_wal_lsn()) END"
+        )
+        self._timeouts = [
+            f"{round(settings.db_statement_timeout_sec * 1000)}ms",
+            f"{round(settings.db_lock_timeout_sec * 1000)}ms",
+            f"{round(settings.db_idle_in_transaction_timeout_sec * 1000)}ms",
+        ]
         self._pool: ConnectionPool | None = None
 
     def open(self) -> None:
@@ -105,7 +156,7 @@ class DatabaseWriter:
             self._settings.postgres_dsn,
             min_size=self._settings.db_pool_min_size,
             max_size=self._settings.db_pool_max_size,
-            kwargs={"prepare_threshold": None, "connect_timeout": max(1, int(self._settings.db_connect_timeout_s))},
+            kwargs={"prepare_threshold": None, **self._settings.postgres_connect_kwargs},
             timeout=self._settings.db_connect_timeout_s,
             open=False,
             name="db-writer",
@@ -114,20 +165,59 @@ class DatabaseWriter:
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.close()
+            self._pool.close(timeout=1)
+
+    @contextmanager
+    def transaction(
+        self, doing: str, timeout_s: float | None = None, row_errors: bool = False
+    ) -> Iterator[tuple[psycopg.Connection, Server]]:
+        """A pooled connection in a transaction with this worker's timeouts; errors translated
+        (row errors pass through untranslated only with `row_errors`: the writer isolates
+        them). `timeout_s` bounds the wait for a connection (a stop in progress has little time)."""
+        assert self._pool is not None, "open() first"
+        with self._translated(doing, row_errors), self._pool.connection(timeout=timeout_s) as conn, conn.transaction():
+            _, _, _, system_id, walfile = conn.execute(self._begin, self._timeouts).fetchone() or (None,) * 5
+            if walfile is None:
+                raise psycopg.errors.ReadOnlySqlTransaction("the server is a standby (in recovery)")
+            yield conn, Server(int(system_id), int(walfile[:8], 16))
 
     def check_schema(self, head: str | None) -> None:
         """Refuse to start unless the schema exists and is at the migration head."""
-        with self._translated("check the schema"), self._pool.connection() as conn:
+        with self.transaction("check the schema") as (conn, _):
             version = None
-            if conn.execute("SELECT to_regclass('alembic_version')").fetchone()[0]:
-                version = conn.execute("SELECT version_num FROM alembic_version").fetchone()
-                version = version[0] if version else None
-            table = conn.execute("SELECT to_regclass(%s)", [f'"{self._settings.table_name}"']).fetchone()[0]
+            row = conn.execute("SELECT to_regclass('alembic_version')").fetchone()
+            if row and row[0]:
+                found = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+                version = found[0] if found else None
+            row = conn.execute("SELECT to_regclass(%s)", [f'"{self._settings.table_name}"']).fetchone()
+            table = row[0] if row else None
         if version != head or table is None:
             where = f"at revision {version}" if version else "not migrated"
             missing = "" if table else f", table {self._settings.table_name!r} missing"
             raise StartupError(f"the database schema is {where} (head is {head}){missing}: run ./migrate.sh upgrade")
+
+    def commit_safety(self) -> str | None:
+        """A warning when the server acknowledges commits that a crash or a failover could lose:
+        synchronous_commit off, or streaming standbys none of which is synchronous."""
+        with self.transaction("check commit settings") as (conn, _):
+            row = conn.execute(
+                "SELECT current_setting('synchronous_commit'), current_setting('synchronous_standby_names'),"
+                " (SELECT count(*) FROM pg_stat_replication)"
+            ).fetchone()
+        commit, standbys, replicas = row if row else ("on", "", 0)
+        if commit in ("off", "local"):
+            return (
+                f"synchronous_commit={commit}: the server acknowledges a commit before it is durable, so a crash"
+                " or a failover can lose batches that were already acknowledged in Redis; reconciliation"
+                " writes those again while Redis still holds them"
+            )
+        if replicas and not standbys:
+            return (
+                f"{replicas} streaming standby(s), none synchronous (synchronous_standby_names is empty): a"
+                " failover can lose the last commits; reconciliation writes the lost entries again while Redis"
+                " still holds them"
+            )
+        return None
 
     def ping(self) -> bool:
         try:
@@ -137,64 +227,89 @@ class DatabaseWriter:
         except psycopg.Error:
             return False
 
+    def discard_idle(self) -> None:
+        """Drop idle pooled connections that no longer answer, so the next attempt after an
+        outage gets a live one at once instead of failing once per dead connection."""
+        if self._pool is not None:
+            self._pool.check()
+
     @contextmanager
-    def _translated(self, doing: str) -> Iterator[None]:
-        """Turns a lost or busy database into TransientError, naming what was being done."""
+    def _translated(self, doing: str, row_errors: bool = False) -> Iterator[None]:
+        """Lost or busy database -> TransientError (LockTimeout for a lock wait that ran out);
+        refused for good (credentials, no such database) -> PermanentAtStart; an error that
+        says nothing about the rows -> Refused. All of them are retried; row errors are
+        handled where the rows are known."""
         try:
             yield
         except (psycopg.Error, PoolTimeout) as exc:
-            if not _is_transient(exc):
+            kind = classify(exc)
+            if kind == "rows" and row_errors:
                 raise
+            cause: BaseException = exc
             reason = _first_line(exc)
             if isinstance(exc, PoolTimeout):  # the pool logs why it cannot connect; say it here
-                reason += self._why_no_connection()
-            raise TransientError(f"database unavailable ({doing}): {reason}") from exc
+                cause = self._why_no_connection() or exc
+                if cause is not exc:
+                    reason += f" ({_first_line(cause)})"
+            if getattr(exc, "sqlstate", None) == "55P03":
+                raise LockTimeout(f"lock wait over DB_LOCK_TIMEOUT_SEC ({doing}): {reason}") from exc
+            if why := _permanent(cause):
+                raise PermanentAtStart(f"{why} at {mask_url(self._settings.postgres_dsn)}: {reason}") from exc
+            if kind == "transient":
+                raise TransientError(f"database unavailable ({doing}): {reason}") from exc
+            raise Refused(f"the database refused to {doing}: {reason}") from exc
 
-    def _why_no_connection(self) -> str:
+    def _why_no_connection(self) -> psycopg.Error | None:
         try:
-            psycopg.connect(self._settings.postgres_dsn, connect_timeout=2).close()
-            return ""  # it connects now: the pool was only busy
+            psycopg.connect(self._settings.postgres_dsn, **self._settings.postgres_connect_kwargs).close()  # type: ignore[arg-type]
+            return None  # it connects now: the pool was only busy
         except psycopg.Error as exc:
-            return f" ({_first_line(exc)})"
+            return exc
+
+    def server(self) -> Server:
+        """The server this worker's connections reach now."""
+        with self.transaction("identify the server") as (_, server):
+            return server
 
     def write(
         self,
         rows: list[Reading],
         letters: list[dead_letters.DeadLetter],
-        ledger: Ledger,
         on_reject: Callable[[int, str], dead_letters.DeadLetter],
+        timeout_s: float | None = None,
     ) -> WriteResult:
-        """Write rows, registry, trace rows and the ledger row in one transaction.
+        """Write rows, this worker's registry rows and the dead letters in one transaction.
 
         `on_reject(index, reason)` makes the dead letter of a row the database refused
         or that conflicts with a stored reading; it is recorded in the same transaction
         and returned in `result.letters`."""
-        with self._translated("write a batch"), self._pool.connection() as conn:
-            if rows:
-                try:
-                    with conn.transaction():
-                        self._copy_into_table(conn, rows)
-                        result = WriteResult(inserted=len(rows))
-                        keys = ((row.device_id, row.sensor_type, row.timestamp) for row in rows)
-                        self._record(conn, keys, letters, ledger, result, len(rows) + len(letters))
-                    return result
-                except _ROW_ERRORS:
-                    pass  # rolled back: take the careful path
-            with conn.transaction():
-                result, inserted_keys = self._insert_carefully(conn, rows)
-                result.letters = [on_reject(index, result.reasons[index]) for index in result.rejected]
-                self._record(conn, inserted_keys, letters + result.letters, ledger, result, len(rows) + len(letters))
-            return result
+        if rows:
+            try:
+                with self.transaction("write a batch", timeout_s, row_errors=True) as (conn, server):
+                    self._copy_into_table(conn, rows)
+                    result = WriteResult(inserted=len(rows), server=server)
+                    keys = ((row.device_id, row.sensor_type, row.timestamp) for row in rows)
+                    result.new_letters = self._record(conn, keys, letters)
+                return result
+            except psycopg.Error as exc:
+                if classify(exc) != "rows":
+                    raise
+                # rolled back: take the careful path
+        with self.transaction("write a batch", timeout_s) as (conn, server):
+            result, inserted_keys = self._insert_carefully(conn, rows)
+            result.server = server
+            result.letters = [on_reject(index, result.reasons[index]) for index in result.rejected]
+            result.new_letters = self._record(conn, inserted_keys, letters + result.letters)
+        return result
 
-    def _record(
-        self, conn: psycopg.Connection, keys: Iterable, letters: list, ledger: Ledger, result: WriteResult, entries: int
-    ) -> None:
-        """Registry, dead letters and ledger, pipelined into one round trip."""
-        with conn.pipeline(), conn.cursor() as cur:
-            self._register_sensors(cur, keys)
-            if letters:
-                self._insert_dead_letters(cur, letters, ledger)
-            self._insert_ledger(cur, ledger, entries, result.inserted)
+    def _record(self, conn: psycopg.Connection, keys: Iterable, letters: list) -> int:
+        """Registry and dead letters, pipelined into one round trip; -> dead letters new."""
+        with conn.cursor() as registry, conn.cursor() as letters_cur:
+            with conn.pipeline():
+                self._register_sensors(registry, keys)
+                if letters:
+                    self._insert_dead_letters(letters_cur, letters)
+            return max(letters_cur.rowcount, 0) if letters else 0
 
     # Rows
 
@@ -205,8 +320,13 @@ class DatabaseWriter:
                 copy.write_row(row)
 
     def _insert_carefully(self, conn: psycopg.Connection, rows: list[Reading]) -> tuple[WriteResult, list]:
-        """Staging table, ON CONFLICT DO NOTHING, and savepoints to isolate refused rows."""
-        result, inserted_keys = WriteResult(), []
+        """Staging table, ON CONFLICT DO NOTHING, and savepoints to isolate refused rows.
+
+        If every row of a batch of several fails with the same error, the error is about
+        the table, not the rows (a trigger that refuses everything): nothing is
+        dead-lettered, the batch is retried."""
+        result: WriteResult = WriteResult()
+        inserted_keys: list = []
         if not rows:
             return result, inserted_keys
         conn.execute(self._create_staging)
@@ -219,7 +339,9 @@ class DatabaseWriter:
                     if staged:
                         conn.execute("DELETE FROM dbw_staging")
                     keys, conflicts = self._stage_and_insert(conn, rows, indexes)
-            except _ROW_ERRORS as exc:
+            except psycopg.Error as exc:
+                if classify(exc) != "rows":
+                    raise
                 if len(indexes) == 1:
                     result.rejected.append(indexes[0])
                     result.reasons[indexes[0]] = f"database rejected the row: {exc.diag.message_primary or exc}"
@@ -232,7 +354,18 @@ class DatabaseWriter:
             for index, *stored in conflicts:
                 result.rejected.append(index)
                 result.reasons[index] = _conflict_reason(rows[index], dict(zip(_VALUE_COLUMNS, stored, strict=True)))
+            inserted = set(map(tuple, keys))
+            clashing = {index for index, *_ in conflicts}
+            for index in indexes:
+                key = tuple(getattr(rows[index], column) for column in KEY_COLUMNS)
+                if key in inserted:
+                    inserted.discard(key)  # the earliest entry with the key is the one inserted
+                elif index not in clashing:
+                    result.duplicate_rows.add(index)
             result.duplicates += len(indexes) - len(keys) - len(conflicts)
+        refused = {result.reasons[i] for i in result.rejected if result.reasons[i].startswith("database rejected")}
+        if len(rows) > 1 and len(result.rejected) == len(rows) and len(refused) == 1:
+            raise Refused(f"the database refuses every row of the batch the same way: {refused.pop()}")
         result.inserted = len(inserted_keys)
         result.rejected.sort()
         return result, inserted_keys
@@ -249,11 +382,11 @@ class DatabaseWriter:
             # Some keys were stored already: a redelivery (same value) or a different reading.
             return keys, cur.execute(self._find_conflicts).fetchall()
 
-    # Registry, trace rows and ledger
+    # Registry and dead letters
 
     def _register_sensors(self, cur: psycopg.Cursor, keys: Iterable[tuple[str, str, datetime]]) -> None:
-        """One upsert per sensor of the batch, counting only rows actually inserted; in key
-        order, so concurrent workers lock registry rows in the same order."""
+        """One upsert per sensor of the batch into this worker's own registry rows, counting
+        only rows actually inserted. No other worker writes these rows: nothing to wait for."""
         seen: dict[tuple[str, str], list] = {}
         for device, sensor, ts in keys:
             span = seen.get((device, sensor))
@@ -267,28 +400,31 @@ class DatabaseWriter:
                 span[2] += 1
         if not seen:
             return
-        ordered = sorted(seen.items())
         cur.execute(
-            "INSERT INTO db_writer_sensors AS s (device_id, sensor_type, first_seen, last_seen, readings)"
-            " SELECT * FROM unnest(%b::varchar[], %b::varchar[], %b::timestamptz[], %b::timestamptz[], %b::int8[])"
-            " ON CONFLICT (device_id, sensor_type) DO UPDATE SET"
+            "INSERT INTO db_writer_sensors AS s (device_id, sensor_type, consumer, first_seen, last_seen, readings)"
+            " SELECT d, t, %s, f, l, n FROM unnest(%b::varchar[], %b::varchar[], %b::timestamptz[],"
+            " %b::timestamptz[], %b::int8[]) AS u(d, t, f, l, n)"
+            " ON CONFLICT (device_id, sensor_type, consumer) DO UPDATE SET"
             " first_seen = least(s.first_seen, excluded.first_seen),"
             " last_seen = greatest(s.last_seen, excluded.last_seen),"
             " readings = s.readings + excluded.readings, last_written_at = now()",
             [
-                [k[0] for k, _ in ordered],
-                [k[1] for k, _ in ordered],
-                [v[0] for _, v in ordered],
-                [v[1] for _, v in ordered],
-                [v[2] for _, v in ordered],
+                self._consumer,
+                [k[0] for k in seen],
+                [k[1] for k in seen],
+                [v[0] for v in seen.values()],
+                [v[1] for v in seen.values()],
+                [v[2] for v in seen.values()],
             ],
         )
 
-    def _insert_dead_letters(self, cur: psycopg.Cursor, letters: list, ledger: Ledger) -> None:
+    def _insert_dead_letters(self, cur: psycopg.Cursor, letters: list) -> None:
+        """One dead letter per entry: a redelivered bad entry adds no second one."""
         cur.executemany(
             "INSERT INTO db_writer_dead_letters (failed_at, original_stream, original_id, device_id,"
             " sensor_type, value, step, error, consumer_group, consumer, delivery_count, fields)"
-            " VALUES (to_timestamp(%s), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            " VALUES (to_timestamp(%s), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (original_stream, original_id) DO NOTHING",
             [
                 (
                     letter.failed_at,
@@ -299,8 +435,8 @@ class DatabaseWriter:
                     letter.value,
                     letter.step,
                     letter.error,
-                    ledger.consumer_group,
-                    ledger.consumer,
+                    self._group,
+                    self._consumer,
                     letter.delivery_count,
                     Jsonb(letter.fields),
                 )
@@ -308,21 +444,35 @@ class DatabaseWriter:
             ],
         )
 
-    def _insert_ledger(self, cur: psycopg.Cursor, ledger: Ledger, entries: int, inserted: int) -> None:
-        cur.execute(
-            "INSERT INTO db_writer_batches (consumer_group, consumer, entries, rows_inserted,"
-            " streams, first_ids, last_ids, counts) VALUES (%s, %s, %s, %s, %b, %b, %b, %b)",  # binary arrays: no escaping
-            [
-                ledger.consumer_group,
-                ledger.consumer,
-                entries,
-                inserted,
-                ledger.streams,
-                ledger.first_ids,
-                ledger.last_ids,
-                ledger.counts,
-            ],
-        )
+    # Reads for the operator commands and the reconciliation
+
+    def missing(self, candidates: list[tuple[str, str, Reading | None]]) -> list[int]:
+        """Indexes of the candidates (stream as dead letters name it, entry id, its row or None
+        when it is a dead letter) that have neither their row nor a dead letter on this server."""
+        if not candidates:
+            return []
+        streams = [stream for stream, _, _ in candidates]
+        ids = [entry_id for _, entry_id, _ in candidates]
+        key_rows = [row for _, _, row in candidates]
+        with self.transaction("check entries") as (conn, _):
+            found = conn.execute(
+                sql.SQL(
+                    "SELECT c.i FROM unnest(%b::text[], %b::text[], %b::varchar[], %b::varchar[], %b::timestamptz[])"
+                    " WITH ORDINALITY AS c(stream, entry_id, device_id, sensor_type, ts, i)"
+                    " WHERE NOT EXISTS (SELECT 1 FROM db_writer_dead_letters d"
+                    "  WHERE d.original_stream = c.stream AND d.original_id = c.entry_id)"
+                    " AND (c.device_id IS NULL OR NOT EXISTS (SELECT 1 FROM {} r"
+                    "  WHERE r.device_id = c.device_id AND r.sensor_type = c.sensor_type AND r.timestamp = c.ts))"
+                ).format(self._table),
+                [
+                    streams,
+                    ids,
+                    [r.device_id if r else None for r in key_rows],
+                    [r.sensor_type if r else None for r in key_rows],
+                    [r.timestamp if r else None for r in key_rows],
+                ],
+            ).fetchall()
+        return [int(i) - 1 for (i,) in found]
 
 
 def _conflict_reason(row: Reading, stored: dict) -> str:
@@ -350,18 +500,25 @@ class _JsonTextDumper(Dumper):
     format = Format.BINARY
     oid = postgres.types["jsonb"].oid
 
-    def dump(self, obj: str) -> bytes:
+    def dump(self, obj: Any) -> bytes:
         return b"\x01" + obj.encode()
 
 
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
-def _is_transient(exc: Exception) -> bool:
-    if isinstance(exc, PoolTimeout):
-        return True
+def _permanent(exc: BaseException) -> str | None:
+    """Why a connection was refused for good (a setting to fix), or None."""
     state = getattr(exc, "sqlstate", None)
-    if state is None:  # no server answer at all: the connection failed or was lost
-        return isinstance(exc, psycopg.OperationalError)
-    return state.startswith(_TRANSIENT_CLASSES)
+    if state in _PERMANENT_AT_START:
+        return _PERMANENT_AT_START[state]
+    text = _first_line(exc)
+    if isinstance(exc, psycopg.OperationalError) and state is None:
+        if "password authentication failed" in text or "no password supplied" in text:
+            return "the server refused the password"
+        if "does not exist" in text and ("database" in text or "role" in text):
+            return "the database or role does not exist"
+        if "certificate" in text or ("SSL" in text and "SYSCALL" not in text and "EOF" not in text):
+            return "TLS failed"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

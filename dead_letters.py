@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import schema
 
@@ -77,19 +77,18 @@ def encode_fields(fields: dict) -> dict:
     """JSON-safe copy of the fields. A flood of huge entries must not fill Redis or the
     table, so at most KEPT_FIELDS fields of at most KEPT_BYTES each are kept whole;
     longer values keep their head and say how long they were."""
-    encoded = {}
+    encoded: dict[str, Any] = {}
     for position, (key, value) in enumerate(fields.items()):
         if position == KEPT_FIELDS:
             encoded[OMITTED] = {"omitted_fields": len(fields) - KEPT_FIELDS}
             break
         raw = value if isinstance(value, bytes) else str(value).encode("utf-8", "surrogatepass")
+        kept: str | dict
         if len(raw) > KEPT_BYTES:
-            encoded[_json_key(key)] = {
-                "truncated_from": len(raw),
-                "base64": base64.b64encode(raw[:KEPT_BYTES]).decode(),
-            }
+            kept = {"truncated_from": len(raw), "base64": base64.b64encode(raw[:KEPT_BYTES]).decode()}
         else:
-            encoded[_json_key(key)] = _json_value(raw)
+            kept = _json_value(raw)
+        encoded[_json_key(key)] = kept
     return encoded
 
 
@@ -138,7 +137,7 @@ def _text(raw: bytes | str, max_bytes: int) -> str:
     """Printable text of at most max_bytes UTF-8 bytes: the trace table indexes some of these
     columns, and a btree entry is limited to about 2.7 kB."""
     text = raw if isinstance(raw, str) else raw.decode("utf-8", "backslashreplace")
-    text = text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace")
-    if len(text) <= max_bytes:
-        return text.decode()
-    return text[: max_bytes - 20].decode("utf-8", "ignore") + f"…[{len(text)} bytes]"
+    data = text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace")
+    if len(data) <= max_bytes:
+        return data.decode()
+    return data[: max_bytes - 20].decode("utf-8", "ignore") + f"…[{len(data)} bytes]"

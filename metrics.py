@@ -13,13 +13,15 @@ from collections import Counter as Tally
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
 
+import redis_client
 import redis_reader
 
 if TYPE_CHECKING:
     from main import DatabaseWriterService
+    from reconcile import Report
 
 
 class Metrics:
@@ -38,12 +40,32 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )
+        self.reconcile_checked = Counter(
+            "dbwriter_reconcile_checked",
+            "Acknowledged entries checked against the database by reconciliation",
+            registry=r,
+        )
+        self.reconcile_repaired = Counter(
+            "dbwriter_reconcile_repaired",
+            "Acknowledged entries missing from the database, written again by reconciliation",
+            registry=r,
+        )
+        self.reconcile_unverifiable = Gauge(
+            "dbwriter_reconcile_unverifiable",
+            "Acknowledged entries trimmed from Redis before the last reconciliation could verify them (at most)",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "dbwriter_batch_size",
             "Entries per batch",
             buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
             registry=r,
         )
+
+    def observe_reconcile(self, report: Report) -> None:
+        self.reconcile_checked.inc(report.checked)
+        self.reconcile_repaired.inc(report.repaired)
+        self.reconcile_unverifiable.set(sum(s.unverifiable_count or 0 for s in report.unverifiable))
 
     def observe_batch(self, seconds: float, entries: int, inserted: int, duplicates: int, steps: list[str]) -> None:
         self.read.inc(entries)
@@ -79,7 +101,7 @@ class _StreamCollector:
             if time.monotonic() - taken > self._max_age_s:
                 settings = self._service.settings
                 try:
-                    client = redis_reader.connect(settings)
+                    client = redis_client.connect(settings, timeout_s=5)
                     streams = redis_reader.discover(
                         client, settings.stream_pattern, settings.dead_letter_stream.encode()
                     )

@@ -91,7 +91,7 @@ def _describe(diff: tuple | list) -> str:
     if isinstance(diff, list):  # column modifications come grouped
         diff = diff[0]
     kind, *rest = diff
-    names = [getattr(part, "name", None) for part in rest if getattr(part, "name", None)]
+    names = [str(part.name) for part in rest if getattr(part, "name", None)]
     names += [part for part in rest if isinstance(part, str)]
     return " ".join([kind, *names[:2]])
 

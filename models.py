@@ -10,7 +10,6 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import (
-    ARRAY,
     BigInteger,
     Double,
     Identity,
@@ -24,9 +23,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.elements import quoted_name
 
 READINGS_TABLE = "sensor_readings"
-BATCHES_TABLE = "db_writer_batches"
+STREAMS_TABLE = "db_writer_streams"
+PROGRESS_TABLE = "db_writer_progress"
 DEAD_LETTERS_TABLE = "db_writer_dead_letters"
 SENSORS_TABLE = "db_writer_sensors"
 NAME_LENGTH = 100
@@ -64,29 +65,42 @@ class SensorReading(Base):
     )
 
 
-class WrittenBatch(Base):
-    """The ledger: one row per committed batch, written in the batch's own transaction.
+class StreamCheck(Base):
+    """Per stream and group: every entry up to `checked_through` is known to be written or
+    dead-lettered on this server. Advanced by workers that reconciled on this very server;
+    a worker that lands on another server (a failover) checks the entries after it row by
+    row and writes again what is missing (reconcile.py)."""
 
-    Arrays hold, per stream, the first and last entry id and the count, so a batch over
-    4,000 streams costs one row, and `trace` finds an entry through the GIN index."""
+    __tablename__ = STREAMS_TABLE
 
-    __tablename__ = BATCHES_TABLE
+    consumer_group: Mapped[str] = mapped_column(Text, primary_key=True)
+    stream: Mapped[str] = mapped_column(Text, primary_key=True)
+    checked_through: Mapped[str] = mapped_column(Text, nullable=False)  # a Redis entry id
+    checked_position: Mapped[int | None] = mapped_column(BigInteger)  # entries ever added up to it, when Redis tells
+    checked_at: Mapped[datetime] = mapped_column(TIMESTAMPTZ, server_default=func.now(), nullable=False)
 
-    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
-    committed_at: Mapped[datetime] = mapped_column(TIMESTAMPTZ, server_default=func.now(), nullable=False)
-    consumer_group: Mapped[str] = mapped_column(Text, nullable=False)
-    consumer: Mapped[str] = mapped_column(Text, nullable=False)
-    entries: Mapped[int] = mapped_column(Integer, nullable=False)
-    rows_inserted: Mapped[int] = mapped_column(Integer, nullable=False)
-    streams: Mapped[list[str]] = mapped_column(ARRAY(Text), nullable=False)
-    first_ids: Mapped[list[str]] = mapped_column(ARRAY(Text), nullable=False)
-    last_ids: Mapped[list[str]] = mapped_column(ARRAY(Text), nullable=False)
-    counts: Mapped[list[int]] = mapped_column(ARRAY(Integer), nullable=False)
+    __table_args__ = {"postgresql_with": {"fillfactor": "70"}}  # noqa: RUF012 - room for HOT updates
 
-    __table_args__ = (
-        Index(None, "streams", postgresql_using="gin"),
-        Index(None, "committed_at"),
-    )
+
+class StreamProgress(Base):
+    """The ledger: per group, stream and consumer, what that consumer handled. One row per
+    stream and consumer, however many batches: merged in place every second after the
+    batches it sums committed, each worker touching only its own rows."""
+
+    __tablename__ = PROGRESS_TABLE
+
+    consumer_group: Mapped[str] = mapped_column(Text, primary_key=True)
+    stream: Mapped[str] = mapped_column(Text, primary_key=True)
+    consumer: Mapped[str] = mapped_column(Text, primary_key=True)
+    first_id: Mapped[str] = mapped_column(Text, nullable=False)  # lowest entry id handled
+    last_id: Mapped[str] = mapped_column(Text, nullable=False)  # highest entry id handled
+    entries: Mapped[int] = mapped_column(BigInteger, nullable=False)  # handled: rows, duplicates, dead letters
+    rows_inserted: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    dead_letters: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    first_at: Mapped[datetime] = mapped_column(TIMESTAMPTZ, server_default=func.now(), nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(TIMESTAMPTZ, server_default=func.now(), nullable=False)
+
+    __table_args__ = {"postgresql_with": {"fillfactor": "70"}}  # noqa: RUF012 - room for HOT updates
 
 
 class DeadLetter(Base):
@@ -112,20 +126,24 @@ class DeadLetter(Base):
     replayed_at: Mapped[datetime | None] = mapped_column(TIMESTAMPTZ)
 
     __table_args__ = (
-        Index(None, "original_stream", "original_id"),
+        Index(None, "original_stream", "original_id", unique=True),  # one dead letter per entry
         Index(None, "failed_at"),
     )
 
 
 class Sensor(Base):
     """The sensor registry: which sensors exist and when each last sent a reading, so
-    silent sensors can be found (`main.py status --sensors`). Upserted once per sensor
-    per batch, in the batch's transaction, counting only rows actually inserted."""
+    silent sensors can be found (`main.py status --sensors`). Each worker keeps its own
+    row per sensor, upserted in the batch's transaction and counting only rows actually
+    inserted: exact (never a count lost or doubled by a crash), and no two workers ever
+    wait for each other's row. Readers sum over consumers; consumer '' holds the counts
+    folded in from workers gone longer than LEDGER_RETENTION."""
 
     __tablename__ = SENSORS_TABLE
 
     device_id: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
     sensor_type: Mapped[str] = mapped_column(String(NAME_LENGTH), primary_key=True)
+    consumer: Mapped[str] = mapped_column(Text, primary_key=True)
     first_seen: Mapped[datetime] = mapped_column(TIMESTAMPTZ, nullable=False)  # earliest reading timestamp
     last_seen: Mapped[datetime] = mapped_column(TIMESTAMPTZ, nullable=False)  # latest reading timestamp
     last_written_at: Mapped[datetime] = mapped_column(TIMESTAMPTZ, server_default=func.now(), nullable=False)
@@ -146,5 +164,5 @@ def metadata_for(table_name: str = READINGS_TABLE) -> MetaData:
         if copy.name == table_name:
             copy.primary_key.name = f"{table_name}_pkey"
             for index in copy.indexes:
-                index.name = index.name.replace(READINGS_TABLE, table_name, 1)
+                index.name = quoted_name(str(index.name).replace(READINGS_TABLE, table_name, 1), None)
     return renamed

@@ -16,9 +16,18 @@ T = TypeVar("T")
 
 
 class ReadAhead(Generic[T]):
-    def __init__(self, read: Callable[[], T], stop: threading.Event, depth: int = 2) -> None:
+    def __init__(
+        self,
+        read: Callable[[], T],
+        stop: threading.Event,
+        join_within: Callable[[], float | None] = lambda: None,
+        depth: int = 2,
+    ) -> None:
+        """`join_within()` bounds the wait for the reader at exit (the stop deadline): a read
+        still running then is abandoned; what it read stays pending and is redelivered."""
         self._read = read
         self._stop = stop
+        self._join_within = join_within
         self._slots = threading.Semaphore(depth)
         self._ready: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="read-ahead", daemon=True)
@@ -30,7 +39,7 @@ class ReadAhead(Generic[T]):
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._slots.release()  # a reader waiting for a slot must see the stop
-        self._thread.join()
+        self._thread.join(self._join_within())
 
     def __iter__(self) -> Iterator[T]:
         """Batches in the order read. After a stop, those already read still come (they are

@@ -1,51 +1,74 @@
-"""Consumer-group reads from every stream matching STREAM_PATTERN, and acks after commit.
+"""Consumer-group reads from every stream matching STREAM_PATTERN; dead letters and acks.
 
-XREADGROUP's COUNT applies per stream, so reads go over windows of at most
-BATCH_SIZE streams with COUNT = BATCH_SIZE // window: a batch never holds more
-than BATCH_SIZE entries, however many streams there are (the original read up
-to BATCH_SIZE x streams). Only when a whole round of windows was empty does a
-read block, over all streams at once, for BATCH_TIMEOUT_SEC.
+XREADGROUP's COUNT applies per stream, so reads go over windows of streams with a COUNT
+that keeps a window within BATCH_SIZE entries, whatever the number of streams. A round
+reads one window; a stream that comes back with a full COUNT has more, and is topped up
+at once with the room left, so one deep stream among many idle ones drains in big
+batches while the others keep their turn. Only when a whole turn of windows was empty
+does a read block, in slices of at most a second (a stop is seen that fast), for up to
+BATCH_TIMEOUT_SEC. At a trickle, a batch waits up to BATCH_LINGER_MS for more entries.
 
-redis and its errors stay in this module: a lost connection becomes
-TransientError, a missing group (stream recreated, Redis restarted empty) is
-created again.
+redis and its errors stay in this module and redis_client.py: a lost connection becomes
+TransientError, a missing group (stream recreated, Redis restarted empty) is created
+again where the ledger says this stream was written up to.
 """
 
 from __future__ import annotations
 
+import hashlib
+import threading
 import time
+import zlib
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 import structlog
 
 import dead_letters
 from config import Settings
-from errors import TransientError
+from redis_client import BLOCK_SLICE_MS, hash_tag, is_cluster, translated
 
 log = structlog.get_logger("redis_reader")
+CLUSTER_POLL_S = 0.4  # a cluster cannot block on keys of several slots: an idle worker polls this often
 
 Entry = tuple[bytes, bytes, dict]  # (stream, entry id, fields)
-_TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+DEDUP_TTL_S = 7 * 24 * 3600  # a dead letter published again within a week is published once
+
+# Publish each dead letter unless it was published before (its marker key exists); the
+# marker is set only after the XADD, so a refused XADD (OOM) leaves nothing half done.
+_PUBLISH = """
+local added = {}
+local pos = 3
+for i = 2, #KEYS do
+  local n = tonumber(ARGV[pos])
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    local args = {'XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*'}
+    for j = pos + 1, pos + 2 * n do args[#args + 1] = ARGV[j] end
+    redis.call(unpack(args))
+    redis.call('SET', KEYS[i], '1', 'EX', ARGV[2])
+    added[#added + 1] = i - 2
+  end
+  pos = pos + 1 + 2 * n
+end
+return added
+"""
 
 
-def id_key(entry_id: bytes) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition(b"-")
+def id_key(entry_id: bytes | str) -> tuple[int, int]:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
     return int(ms), int(seq or 0)
 
 
-def connect(settings: Settings) -> redis.Redis:
-    """A client whose socket timeout outlasts the blocking read (redis-py 8 defaults to 5 s)."""
-    return redis.Redis.from_url(
-        settings.redis_dsn,
-        socket_timeout=settings.batch_timeout_sec + 10,
-        socket_connect_timeout=settings.db_connect_timeout_s,
-        health_check_interval=30,
-        decode_responses=False,
-    )
+def previous_id(entry_id: bytes | str) -> str:
+    """The highest id below this one: everything up to it comes before the entry."""
+    ms, seq = id_key(entry_id)
+    if seq:
+        return f"{ms}-{seq - 1}"
+    return f"{ms - 1}-18446744073709551615" if ms else "0-0"
 
 
 def discover(client: redis.Redis, pattern: str, dead_letter_stream: bytes) -> list[bytes]:
@@ -61,12 +84,15 @@ class StreamStatus:
     lag: int | None  # entries not yet delivered to the group (None: Redis cannot tell)
     pending: dict[str, int]  # per consumer
     oldest_pending_age_s: float | None  # since the oldest pending entry was added
+    last_delivered: str | None = None
+    first_pending: str | None = None
+    entries_read: int | None = None  # the group's position in the stream (Redis 7)
 
 
 def group_status(client: redis.Redis, streams: list[bytes], group: str) -> list[StreamStatus]:
     """Length, lag and pending entries of each stream, in three pipelined round trips."""
 
-    def pipelined(call) -> list:
+    def pipelined(call: Callable[[Any, bytes], object]) -> list:
         pipe = client.pipeline(transaction=False)
         for stream in streams:
             call(pipe, stream)
@@ -79,6 +105,8 @@ def group_status(client: redis.Redis, streams: list[bytes], group: str) -> list[
     result = []
     for stream, length, infos, summary in zip(streams, lengths, groups, summaries, strict=True):
         info = next((g for g in infos if as_text(g.get("name")) == group), None) if isinstance(infos, list) else None
+        if isinstance(length, Exception):
+            continue  # deleted meanwhile
         if info is None or isinstance(summary, Exception):
             result.append(StreamStatus(as_text(stream), length, length, {}, None))  # no group yet: all of it waits
             continue
@@ -90,9 +118,19 @@ def group_status(client: redis.Redis, streams: list[bytes], group: str) -> list[
                 info.get("lag"),
                 {as_text(c["name"]): int(c["pending"]) for c in summary.get("consumers") or []},
                 round((now_ms - id_key(oldest)[0]) / 1000, 3) if oldest else None,
+                as_text(info.get("last-delivered-id")),
+                as_text(oldest) if oldest else None,
+                info.get("entries-read"),
             )
         )
     return result
+
+
+def _reply_items(reply: Any) -> Iterable:
+    """(stream, entries) pairs of an XREADGROUP reply: a list in RESP2, a dict in RESP3."""
+    if not reply:
+        return ()
+    return reply.items() if isinstance(reply, dict) else reply
 
 
 def as_text(value: bytes | str | None) -> str:
@@ -111,93 +149,190 @@ class Batch:
     def __len__(self) -> int:
         return len(self.entries) + len(self.trimmed)
 
-    def split(self, size: int) -> Iterable[Batch]:
-        if not self:
-            return
-        if len(self.entries) <= size:
-            yield self
-            return
-        for start in range(0, len(self.entries), size):
-            part = self.entries[start : start + size]
-            keys = {(s, i) for s, i, _ in part}
-            yield Batch(
-                part,
-                {k: v for k, v in self.deliveries.items() if k in keys},
-                self.trimmed if start == 0 else [],
-                self.source,
-            )
+    def extend(self, other: Batch) -> None:
+        self.entries += other.entries
+        self.trimmed += other.trimmed
+        self.deliveries.update(other.deliveries)
+
+    def keys(self) -> list[tuple[bytes, bytes]]:
+        return [(stream, entry_id) for stream, entry_id, _ in self.entries] + self.trimmed
+
+
+class InFlight:
+    """Entries this worker has read and not yet acknowledged, so that each is in flight at
+    most once per worker whichever way it came back (read ahead, own pending, claimed)."""
+
+    def __init__(self) -> None:
+        self._keys: set[tuple[bytes, bytes]] = set()
+        self._lock = threading.Lock()
+
+    def admit(self, batch: Batch) -> Batch:
+        """The batch without entries already in flight; the rest are now in flight."""
+        with self._lock:
+            entries = [e for e in batch.entries if (e[0], e[1]) not in self._keys]
+            trimmed = [k for k in batch.trimmed if k not in self._keys]
+            self._keys.update((s, i) for s, i, _ in entries)
+            self._keys.update(trimmed)
+        return Batch(entries, batch.deliveries, trimmed, batch.source)
+
+    def release(self, keys: Iterable[tuple[bytes, bytes]]) -> None:
+        with self._lock:
+            self._keys.difference_update(keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 class StreamReader:
-    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        settings: Settings,
+        group_start: Callable[[list[bytes]], dict[bytes, str]] | None = None,
+        wait: Callable[[float], object] = time.sleep,
+    ) -> None:
+        """`group_start(streams)` says where a group created anew should start (the ledger's
+        checked-through id, else the beginning); `wait(seconds)` is a stoppable sleep."""
         self._redis = client
         self._group = settings.consumer_group_name
         self._consumer = settings.consumer_name
         self._batch_size = settings.batch_size
         self._block_ms = settings.block_ms
+        self._linger_s = settings.batch_linger_ms / 1000
         self._pattern = settings.stream_pattern
         self._dead_letter_stream = settings.dead_letter_stream.encode()
         self._dead_letter_maxlen = settings.dead_letter_maxlen
+        self._dedup_prefix = f"{{{hash_tag(settings.dead_letter_stream)}}}:db_writer:dead-lettered:"
         self._claim_idle_ms = settings.claim_idle_ms
+        self._group_start = group_start
+        self._wait = wait
+        self._publish = client.register_script(_PUBLISH)
+        self._cluster = is_cluster(client)
+        # Workers of one group start their turn of windows at different streams, so they do
+        # not all read (and then lock) the same streams in the same order at the same moment.
+        self._offset = zlib.crc32(settings.consumer_name.encode())
         self.streams: list[bytes] = []
         self._cursor = 0
-        self._count = 1  # COUNT per stream of the next window, see read_new
+        self._count = 1  # COUNT per stream of the next window, see _round
         self._pending_after: dict[bytes, bytes] = {}
 
     # Streams and groups
 
     def refresh_streams(self) -> list[bytes]:
-        """SCAN for streams (never KEYS) and create the group where it is missing.
-
-        A new group starts at id 0, so entries queued before the first start are read."""
-        with _translated("discover streams"):
+        """SCAN for streams (never KEYS) and create the group where it is missing."""
+        with translated("discover streams"):
             found = set(discover(self._redis, self._pattern, self._dead_letter_stream))
             new = sorted(found - set(self.streams))
             self._create_groups(new)
+        if not self.streams and found:
+            self._cursor = self._offset % len(found)
         self.streams = sorted(found)
         return new
 
     def _create_groups(self, streams: list[bytes]) -> None:
+        """A new group starts where the ledger says the stream was written up to (everything
+        before it is written or dead-lettered), else at the beginning: entries queued before
+        the first start are read, and a lost group does not replay the whole stream."""
         if not streams:
             return
+        starts = self._group_start(streams) if self._group_start else {}
         pipe = self._redis.pipeline(transaction=False)
         for stream in streams:
-            pipe.xgroup_create(stream, self._group, id="0")
-        for result in pipe.execute(raise_on_error=False):
+            pipe.xgroup_create(stream, self._group, id=starts.get(stream, "0"))
+        for stream, result in zip(streams, pipe.execute(raise_on_error=False), strict=True):
             if isinstance(result, redis.ResponseError) and "BUSYGROUP" not in str(result):
                 raise result
+            if result is True and stream in starts:
+                log.warning(
+                    "consumer group created where the ledger says the stream was written up to",
+                    stream=as_text(stream),
+                    start=starts[stream],
+                )
 
     # Reads
 
     def read_new(self) -> Batch:
-        """Entries never delivered to anyone: windows of streams without blocking, in turn,
-        then, when all were empty, one blocking read of every stream.
-
-        XREADGROUP's COUNT is per stream, so a window of W streams read with COUNT c holds at
-        most W * c = BATCH_SIZE entries. c adapts to the backlog: it doubles while windows come
-        back full and halves when they come back less than half full. Over a deep backlog a
-        batch then touches few streams (fewer XACKs and registry rows per batch); at a trickle
-        it touches many, and every stream still gets its turn."""
+        """Entries never delivered to anyone. Non-blocking rounds first; when a whole turn was
+        empty, a read that blocks up to BATCH_TIMEOUT_SEC. A batch that is not full waits up
+        to BATCH_LINGER_MS (from its first entry) for more, then takes what has come."""
         if not self.streams:
+            return Batch()
+        batch = self._fill(Batch(), self._batch_size)
+        if not batch:
+            batch = self._block()
+            if not batch:
+                return batch
+            started = time.monotonic()
+            batch.extend(self._fill(Batch(), self._batch_size - len(batch)))
+        else:
+            started = time.monotonic()
+        if self._linger_s and len(batch) < self._batch_size:
+            self._wait(self._linger_s - (time.monotonic() - started))
+            batch.extend(self._fill(Batch(), self._batch_size - len(batch)))
+        return batch
+
+    def _fill(self, batch: Batch, budget: int) -> Batch:
+        """Non-blocking rounds until `budget` entries or a turn of windows that brought nothing."""
+        while budget > 0:
+            part = self._round(budget)
+            if not part:
+                break
+            batch.extend(part)
+            budget -= len(part)
+        return batch
+
+    def _round(self, budget: int) -> Batch:
+        """One window of streams read with COUNT c, in turn until one has entries. c adapts
+        to the backlog: it doubles while windows come back full and halves when they come
+        back less than half full, so over a deep backlog a batch touches few streams (fewer
+        XACKs and registry rows). A stream that filled its COUNT is topped up at once."""
+        if not self.streams:  # all gone (a Redis restarted empty): nothing to read until a re-scan
             return Batch()
         base = max(1, self._batch_size // len(self.streams))
         self._count = max(base, self._count)
-        width = max(1, self._batch_size // self._count)
-        if width < len(self.streams):
-            for _ in range(-(-len(self.streams) // width)):
-                window = self._next_window(width)
-                capacity = len(window) * self._count
-                batch = self._read(dict.fromkeys(window, ">"), self._count, block=None)
+        count = min(budget, self._count)  # the tail of a batch: a smaller window, same adapted COUNT
+        width = max(1, budget // count)
+        for _ in range(-(-len(self.streams) // width)):
+            window = self._next_window(width)
+            batch = self._read(dict.fromkeys(window, ">"), count)
+            capacity = len(window) * count
+            if count == self._count:
                 if len(batch.entries) >= capacity:
                     self._count = min(self._batch_size, self._count * 2)
                 elif len(batch.entries) < capacity // 2:
                     self._count = max(base, self._count // 2)
-                if batch.entries:
+            if not batch:
+                continue
+            room = budget - len(batch)
+            per_stream: dict[bytes, int] = defaultdict(int)
+            for stream, _, _ in batch.entries:
+                per_stream[stream] += 1
+            full = [stream for stream, n in per_stream.items() if n >= count][:room]
+            if full and len(full) < len(window):
+                batch.extend(self._read(dict.fromkeys(full, ">"), room // len(full)))
+            return batch
+        return Batch()
+
+    def _block(self) -> Batch:
+        """Wait for the next entry on any stream, in slices so that a stop is seen quickly. A
+        cluster has no read that blocks on several slots: there a round of reads every
+        CLUSTER_POLL_S does, cheap enough when idle, and an entry is seen within that."""
+        deadline = time.monotonic() + self._block_ms / 1000
+        if self._cluster:
+            while time.monotonic() < deadline:
+                if self._wait(min(CLUSTER_POLL_S, max(0.0, deadline - time.monotonic()))) or not self.streams:
+                    return Batch()
+                batch = self._fill(Batch(), self._batch_size)
+                if batch:
                     return batch
-        batch = self._read(dict.fromkeys(self.streams, ">"), base, block=self._block_ms)
-        full = len(batch.entries) >= len(self.streams) * base and base < self._batch_size
-        self._count = base * 2 if full else base
-        return batch
+            return Batch()
+        while self.streams:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            base = max(1, self._batch_size // len(self.streams))
+            batch = self._read(dict.fromkeys(self.streams, ">"), base, block=max(1, min(BLOCK_SLICE_MS, left_ms)))
+            if batch or left_ms <= BLOCK_SLICE_MS or self._wait(0):  # _wait(0): has a stop been asked for?
+                return batch
+        return Batch()
 
     def read_own_pending(self) -> Batch:
         """This consumer's pending entries (left by a crash of the same name), oldest first.
@@ -208,7 +343,7 @@ class StreamReader:
         for start in range(0, len(self.streams), self._batch_size):
             window = self.streams[start : start + self._batch_size]
             starts = {stream: self._pending_after.get(stream, b"0") for stream in window}
-            part = self._read(starts, max(1, self._batch_size // len(window)), block=None)
+            part = self._read(starts, max(1, self._batch_size // len(window)))
             for stream, entry_id, _ in part.entries:
                 self._pending_after[stream] = entry_id
             for stream, entry_id in part.trimmed:
@@ -221,7 +356,8 @@ class StreamReader:
         return batch
 
     def claim_abandoned(self) -> Batch:
-        """XAUTOCLAIM entries idle longer than CLAIM_IDLE_MS on any consumer (dead workers).
+        """XAUTOCLAIM entries idle longer than CLAIM_IDLE_MS on any consumer (dead or frozen
+        workers, and this one's own entries that it put aside).
 
         Redis 7 drops entries that were deleted while pending and names them: they are
         reported as trimmed and acked away, never looped on."""
@@ -229,7 +365,7 @@ class StreamReader:
         if not self.streams:
             return batch
         count = max(1, self._batch_size // len(self.streams))
-        with _translated("claim pending entries"):
+        with translated("claim pending entries"):
             pipe = self._redis.pipeline(transaction=False)
             for stream in self.streams:
                 pipe.xautoclaim(stream, self._group, self._consumer, self._claim_idle_ms, "0-0", count=count)
@@ -250,11 +386,15 @@ class StreamReader:
         self._cursor += len(window)
         return window
 
-    def _read(self, starts: dict, count: int, block: int | None) -> Batch:
-        """XREADGROUP from each stream after its start id ('>' for new entries)."""
-        with _translated("read"):
+    def _read(self, starts: dict, count: int, block: int | None = None) -> Batch:
+        """XREADGROUP from each stream after its start id ('>' for new entries). In a cluster,
+        one command per hash slot (keys of two slots never share one), pipelined."""
+        with translated("read"):
             try:
-                reply = self._redis.xreadgroup(self._group, self._consumer, starts, count=count, block=block)
+                if self._cluster:
+                    replies = self._read_by_slot(starts, count)
+                else:
+                    replies = [self._redis.xreadgroup(self._group, self._consumer, starts, count=count, block=block)]
             except redis.ResponseError as exc:
                 # NOGROUP: a stream was recreated, or Redis restarted empty. UNBLOCKED: a
                 # stream was deleted during the blocking read.
@@ -265,7 +405,7 @@ class StreamReader:
                 self.refresh_streams()
                 return Batch()
         batch = Batch()
-        for stream, messages in reply or ():
+        for stream, messages in (item for reply in replies for item in _reply_items(reply)):
             for entry_id, fields in messages:
                 if fields:
                     batch.entries.append((stream, entry_id, fields))
@@ -273,13 +413,48 @@ class StreamReader:
                     batch.trimmed.append((stream, entry_id))
         return batch
 
+    def _read_by_slot(self, starts: dict, count: int) -> list:
+        """One XREADGROUP per hash slot, pipelined per primary over that node's own connection:
+        an idle poll of hundreds of streams is then cheap. A slot that moved meanwhile (MOVED,
+        ASK, a failover) is read again through the cluster client, which follows it."""
+        client: Any = self._redis
+        by_node: dict[str, tuple[Any, dict[int, dict]]] = {}
+        for stream, start in starts.items():
+            node = client.get_node_from_key(stream)
+            by_node.setdefault(node.name, (node, defaultdict(dict)))[1][client.keyslot(stream)][stream] = start
+        replies, moved = [], []
+        for node, slots in by_node.values():
+            parts = list(slots.values())
+            pipe = client.get_redis_connection(node).pipeline(transaction=False)
+            for part in parts:
+                pipe.xreadgroup(self._group, self._consumer, part, count=count)
+            try:
+                results = pipe.execute(raise_on_error=False)
+            except redis.ConnectionError:
+                client.nodes_manager.initialize()  # a primary gone: learn the new map before the retry
+                raise
+            for part, reply in zip(parts, results, strict=True):
+                if isinstance(reply, redis.ResponseError) and str(reply).startswith(("MOVED", "ASK", "TRYAGAIN")):
+                    moved.append(part)
+                elif isinstance(reply, Exception):
+                    raise reply
+                else:
+                    replies.append(reply)
+        if moved:
+            client.nodes_manager.initialize()
+            pipe = client.pipeline(transaction=False)
+            for part in moved:
+                pipe.xreadgroup(self._group, self._consumer, part, count=count)
+            replies += pipe.execute()
+        return replies
+
     def _delivery_counts(self, entries: list[Entry]) -> dict[tuple[bytes, bytes], int]:
         by_stream: dict[bytes, list[bytes]] = defaultdict(list)
         for stream, entry_id, _ in entries:
             by_stream[stream].append(entry_id)
         if not by_stream:
             return {}
-        with _translated("count deliveries"):
+        with translated("count deliveries"):
             pipe = self._redis.pipeline(transaction=False)
             for stream, ids in by_stream.items():
                 pipe.xpending_range(stream, self._group, min=ids[0], max=ids[-1], count=len(ids) * 2 + 10)
@@ -292,20 +467,37 @@ class StreamReader:
 
     # After the commit
 
-    def finish(self, acked: Iterable[tuple[bytes, bytes]], letters: list[dead_letters.DeadLetter]) -> None:
-        """Publish dead letters (capped stream) and XACK, in one pipelined round trip."""
+    def publish_dead_letters(self, letters: list[dead_letters.DeadLetter]) -> list[dead_letters.DeadLetter]:
+        """Add each dead letter to DEAD_LETTER_STREAM (capped) once, however often its entry is
+        delivered: a marker key per entry, next to the stream (same hash slot), remembers it
+        for a week. Returns those that were new. Raises TransientError while Redis refuses."""
+        added: list[dead_letters.DeadLetter] = []
+        for start in range(0, len(letters), 100):
+            part = letters[start : start + 100]
+            keys = [self._dead_letter_stream] + [self._dedup_key(letter) for letter in part]
+            args: list[Any] = [self._dead_letter_maxlen, DEDUP_TTL_S]
+            for letter in part:
+                fields = dead_letters.stream_fields(letter, self._group, self._consumer)
+                args.append(len(fields))
+                for name, value in fields.items():
+                    args += [name, value]
+            with translated("publish dead letters"):
+                added += [part[int(i)] for i in self._publish(keys=keys, args=args)]
+        return added
+
+    def _dedup_key(self, letter: dead_letters.DeadLetter) -> str:
+        digest = hashlib.sha1(f"{letter.original_stream}\0{letter.original_id}".encode(), usedforsecurity=False)
+        return self._dedup_prefix + digest.hexdigest()
+
+    def ack(self, keys: Iterable[tuple[bytes, bytes]]) -> None:
+        """XACK, one command per stream, pipelined in one round trip."""
         by_stream: dict[bytes, list[bytes]] = defaultdict(list)
-        for stream, entry_id in acked:
+        for stream, entry_id in keys:
             by_stream[stream].append(entry_id)
-        with _translated("acknowledge"):
+        if not by_stream:
+            return
+        with translated("acknowledge"):
             pipe = self._redis.pipeline(transaction=False)
-            for letter in letters:
-                pipe.xadd(
-                    self._dead_letter_stream,
-                    dead_letters.stream_fields(letter, self._group, self._consumer),
-                    maxlen=self._dead_letter_maxlen,
-                    approximate=True,
-                )
             for stream, ids in by_stream.items():
                 pipe.xack(stream, self._group, *ids)
             pipe.execute()
@@ -315,12 +507,3 @@ class StreamReader:
             return bool(self._redis.ping())
         except (redis.RedisError, OSError):
             return False
-
-
-@contextmanager
-def _translated(doing: str) -> Iterator[None]:
-    """Turns a lost or busy Redis into TransientError, naming what was being done."""
-    try:
-        yield
-    except _TRANSIENT as exc:
-        raise TransientError(f"redis unavailable ({doing}): {exc}") from exc

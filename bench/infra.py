@@ -24,7 +24,7 @@ import migrations
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 ADMIN_URL = os.environ.get("BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 GROUP = b"db_writer"
-TABLES = "sensor_readings, db_writer_batches, db_writer_dead_letters, db_writer_sensors"
+TABLES = "sensor_readings, db_writer_progress, db_writer_streams, db_writer_dead_letters, db_writer_sensors"
 
 
 def redis_client() -> redis.Redis:

@@ -237,8 +237,8 @@ def preload(db_url: str, rows: int) -> float:
             )
             print(f"  {min(rows, lo + 1_000_000):,} rows ({time.monotonic() - started:.0f} s)", flush=True)
         conn.execute(
-            "INSERT INTO db_writer_sensors (device_id, sensor_type, first_seen, last_seen, readings)"
-            " SELECT device_id, sensor_type, min(timestamp), max(timestamp), count(*)"
+            "INSERT INTO db_writer_sensors (device_id, sensor_type, consumer, first_seen, last_seen, readings)"
+            " SELECT device_id, sensor_type, '', min(timestamp), max(timestamp), count(*)"
             " FROM sensor_readings GROUP BY 1, 2"
         )
         conn.execute("VACUUM ANALYZE")
@@ -257,7 +257,7 @@ def reset_workload(db_url: str, names: list[bytes]) -> None:
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("DELETE FROM sensor_readings WHERE device_id = ANY(%s)", [devices])
         conn.execute("DELETE FROM db_writer_sensors WHERE device_id = ANY(%s)", [devices])
-        conn.execute("TRUNCATE db_writer_batches, db_writer_dead_letters")
+        conn.execute("TRUNCATE db_writer_progress, db_writer_streams, db_writer_dead_letters")
         conn.execute("VACUUM (INDEX_CLEANUP ON, ANALYZE) sensor_readings")
         conn.execute("CHECKPOINT")
 

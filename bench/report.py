@@ -24,6 +24,10 @@ NUMBERS = (
     "redis_ping_ms",
     "pg_select_ms",
     "pg_commit_ms",
+    "entries_per_commit",
+    "cpu_us_per_entry",
+    "wal_bytes_per_entry",
+    "service_over_readings",
 )
 
 
@@ -91,8 +95,22 @@ def targets(runs: list[dict], summary: dict, streams: int, many: int) -> list[di
     for s in summary.values():
         if s["kind"] == "latency":
             rows += [(f"{s['label']}: p50 ms", s["p50_ms"], "<=", 15), (f"{s['label']}: p99 ms", s["p99_ms"], "<=", 50)]
-    rss = [s["peak_rss_mb"] for s in summary.values() if s["kind"] in ("drain", "latency")]
+    rss = [s["peak_rss_mb"] for s in summary.values() if s["kind"] in ("drain", "latency", "trickle")]
     rows.append(("worker peak RSS MB (worst scenario)", max(rss) if rss else None, "<=", 150))
+    # Issue 11: default settings.
+    rows.append(
+        ("defaults / simplest loop (drain)", ratio(runs, f"dbw-s{streams}-default-w1", "simple_loop"), ">=", 0.7)
+    )
+    best = max((s["rate"], k) for k, s in summary.items() if s["kind"] == "drain" and s.get("streams") == streams)
+    rows.append(("defaults / best BATCH_SIZE (drain)", ratio(runs, f"dbw-s{streams}-default-w1", best[1]), ">=", 0.8))
+    for s in summary.values():
+        if s["kind"] == "trickle":
+            rows += [
+                (f"{s['label']}: entries per commit", s["entries_per_commit"], ">=", 80),
+                (f"{s['label']}: p99 ms", s["p99_ms"], "<=", 250),
+                (f"{s['label']}: worker CPU us per entry", s["cpu_us_per_entry"], "<=", 30),
+                (f"{s['label']}: service tables growth / readings growth", s["service_over_readings"], "<=", 0.05),
+            ]
     return [
         {
             "target": name,
@@ -140,10 +158,21 @@ def print_table(summary: dict, goals: list[dict]) -> None:
                 f"{s['label']:<44} {s['offered_rate']:>9,.0f} {s['mean_batch']:>6.1f} {s['p50_ms']:>7.1f}"
                 f" {s['p95_ms']:>7.1f} {s['p99_ms']:>7.1f} {s['max_ms']:>7.1f} {s['peak_rss_mb']:>7.0f}"
             )
-    print(f"\n{'target (issue 5)':<56} {'measured':>9} {'goal':>8}  result")
+    print(
+        f"\n{'steady trickle, default settings':<44} {'offered/s':>9} {'/commit':>7} {'p50 ms':>7} {'p99 ms':>7}"
+        f" {'CPU us':>7} {'WAL B':>6} {'svc/rd':>7}"
+    )
+    for s in summary.values():
+        if s["kind"] == "trickle":
+            print(
+                f"{s['label']:<44} {s['offered_rate']:>9,.0f} {s['entries_per_commit']:>7.1f} {s['p50_ms']:>7.1f}"
+                f" {s['p99_ms']:>7.1f} {s['cpu_us_per_entry']:>7.1f} {s['wal_bytes_per_entry']:>6.0f}"
+                f" {s['service_over_readings']:>7.3f}"
+            )
+    print(f"\n{'target (issues 5 and 11)':<60} {'measured':>9} {'goal':>8}  result")
     for g in goals:
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[g["ok"]]
-        print(f"{g['target']:<56} {_f(g['measured'], '.2f'):>9} {g['goal']:>8}  {verdict}")
+        print(f"{g['target']:<60} {_f(g['measured'], '.2f'):>9} {g['goal']:>8}  {verdict}")
 
 
 def save_json(path: Path, document: dict) -> None:
@@ -159,7 +188,7 @@ def plot(path: Path, summary: dict, streams: int) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    drains = [s for s in summary.values() if s["kind"] == "drain" and s["streams"] == streams]
+    drains = [s for s in summary.values() if s["kind"] == "drain" and s["streams"] == streams and "batch_size" in s]
     for workers in sorted({s["workers"] for s in drains}):
         line = sorted((s for s in drains if s["workers"] == workers), key=lambda s: s["batch_size"])
         x = [s["batch_size"] for s in line]

@@ -49,11 +49,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--streams", type=int, default=200, help="streams of the backlog (default 200)")
     parser.add_argument("--repeat", type=int, help="repeats, medians reported (default 3; --quick 1)")
     parser.add_argument("--latency-seconds", type=float, help="producer run (default 20; --quick 5)")
+    parser.add_argument("--trickle-seconds", type=float, help="steady-trickle run (default 30; --quick 5)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     args.entries = args.entries or (10_000 if args.quick else 100_000)
     args.repeat = args.repeat or (1 if args.quick else 3)
     args.latency_seconds = args.latency_seconds or (5.0 if args.quick else 20.0)
+    args.trickle_seconds = args.trickle_seconds or (5.0 if args.quick else 30.0)
     args.many_batch_sizes = (1000,) if args.quick else (100, 1000)
     args.latency_batch_sizes = (100,) if args.quick else (100, 1000)
     return args
@@ -113,6 +115,15 @@ def one_repeat(repeat: int, args: argparse.Namespace, db_url: str, runs: list[di
                 workers=workers,
             )
 
+    record(
+        f"dbw-s{s}-default-w1",
+        "drain",
+        f"db-writer {s} streams, default settings, 1w",
+        scenarios.drain(db_url, names, n, None, 1),
+        streams=s,
+        workers=1,
+    )
+
     many = workload.stream_names(MANY_STREAMS)
     with infra.redis_client() as client:
         client.flushdb()
@@ -141,6 +152,30 @@ def one_repeat(repeat: int, args: argparse.Namespace, db_url: str, runs: list[di
         )
 
 
+def trickle(repeat: int, args: argparse.Namespace, db_url: str, runs: list[dict]) -> None:
+    names = workload.stream_names(LATENCY_STREAMS)
+    result = scenarios.trickle(db_url, names, LATENCY_RATE, args.trickle_seconds)
+    label = f"{LATENCY_RATE:,}/s over {LATENCY_STREAMS} streams, defaults"
+    runs.append(
+        {
+            "repeat": repeat,
+            "scenario": "trickle",
+            "kind": "trickle",
+            "label": label,
+            "streams": LATENCY_STREAMS,
+            "workers": 1,
+            **result,
+            "load1": os.getloadavg()[0],
+        }
+    )
+    print(
+        f"  [{repeat + 1}/{args.repeat}] {label:<44} {result['entries_per_commit']:.0f}/commit, p99"
+        f" {result['p99_ms']:.0f} ms, {result['cpu_us_per_entry']:.1f} us CPU/entry,"
+        f" {result['wal_bytes_per_entry']:.0f} B WAL/entry, service/readings {result['service_over_readings']:.3f}",
+        flush=True,
+    )
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -155,6 +190,7 @@ def main(argv: list[str]) -> int:
         try:
             for repeat in range(args.repeat):
                 one_repeat(repeat, args, db_url, runs)
+                trickle(repeat, args, db_url, runs)
         finally:
             with infra.redis_client() as client:
                 client.flushdb()

@@ -22,18 +22,15 @@ _CTX = multiprocessing.get_context("forkserver")
 _CTX.set_forkserver_preload(["worker"])
 
 
-def _settings(db_url: str, batch_size: int, name: str) -> dict:
-    return {
-        "redis_url": infra.REDIS_URL,
-        "database_url": db_url,
-        "batch_size": batch_size,
-        "batch_timeout_sec": 0.2,
-        "log_level": "WARNING",
-        "consumer_name": name,
-    }
+def _settings(db_url: str, batch_size: int | None, name: str) -> dict:
+    """batch_size None: the service's defaults throughout (BATCH_SIZE, linger, timeouts)."""
+    settings = {"redis_url": infra.REDIS_URL, "database_url": db_url, "log_level": "WARNING", "consumer_name": name}
+    if batch_size is not None:
+        settings |= {"batch_size": batch_size, "batch_timeout_sec": 0.2}
+    return settings
 
 
-def start_workers(db_url: str, batch_size: int, count: int, until_idle: bool) -> list:
+def start_workers(db_url: str, batch_size: int | None, count: int, until_idle: bool) -> list:
     """Start `count` workers (each its own CONSUMER_NAME) and wait until they are ready."""
     workers = []
     for k in range(count):
@@ -76,7 +73,7 @@ def drain(db_url: str, names: list[bytes], total: int, batch_size: int, workers:
     if rows != total or left:
         raise RuntimeError(f"drain incomplete: {rows} rows of {total}, {left} entries pending")
     first = min(r["started_at"] for r in results)
-    seconds = max(r["last_batch_at"] for r in results) - first
+    seconds = max(r["last_batch_at"] for r in results if r["last_batch_at"]) - first
     return {
         "entries": total,
         "seconds": seconds,
@@ -129,5 +126,80 @@ def latency(db_url: str, names: list[bytes], rate: float, seconds: float, batch_
         "mean_batch": sent / max(1, batches),
         "peak_rss_mb": result["peak_rss_mb"],
         "cpu_share": result["cpu_s"] / took,
+        "code": result["code"],
+    }
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, from /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+SERVICE_TABLES = ("db_writer_progress", "db_writer_streams", "db_writer_dead_letters", "db_writer_sensors")
+
+
+def _sizes(conn: psycopg.Connection) -> tuple[int, int, int]:
+    """(readings bytes, service tables bytes, WAL position) right now."""
+    readings = conn.execute("SELECT pg_total_relation_size('sensor_readings')").fetchone()[0]
+    service = sum(conn.execute("SELECT pg_total_relation_size(%s)", [t]).fetchone()[0] for t in SERVICE_TABLES)
+    wal = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()[0]
+    return int(readings), int(service), int(wal)
+
+
+def trickle(db_url: str, names: list[bytes], rate: float, seconds: float, warmup: float = 2.0) -> dict:
+    """One worker with DEFAULT settings (BATCH_SIZE, BATCH_LINGER_MS, BATCH_TIMEOUT_SEC) while
+    `rate` entries/s arrive: entries per commit, latency, the worker's CPU and the WAL per
+    entry over the paced window, and how much the service tables grow against the readings."""
+    with infra.redis_client() as client:
+        infra.empty_streams(client, names)
+        infra.reset_database(db_url)
+        procs = start_workers(db_url, None, 1, until_idle=False)
+        pid = procs[0][0].pid
+        procs[0][1].send("go")
+        time.sleep(1.0)  # start-up: connect, schema check, SCAN, reconciliation
+        workload.produce(client, names, rate, warmup)  # the first batches of every stream: registry rows made
+        deadline = time.monotonic() + 30
+        while infra.count_rows(db_url) < int(rate * warmup) * 0.99 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            before = _sizes(conn)
+        cpu_before, since = _cpu_s(pid), datetime.now(UTC)
+        sent, took = workload.produce(client, names, rate, seconds)
+        cpu_after = _cpu_s(pid)
+        total = sent + int(rate * warmup)
+        deadline = time.monotonic() + 60
+        while infra.count_rows(db_url) < total * 0.999 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.5)  # the ledger merges once a second
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            after = _sizes(conn)
+        procs[0][1].send("stop")
+        result = finish_workers(procs, timeout=60)[0]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        p50, p99, top, n = conn.execute(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP"
+            " (ORDER BY ms), max(ms), count(*) FROM"
+            " (SELECT extract(epoch FROM created_at - timestamp) * 1000 AS ms FROM sensor_readings"
+            "  WHERE timestamp >= %s) s",
+            [since],
+        ).fetchone()
+    batches = result["stats"]["batches_processed"]
+    readings_growth, service_growth = after[0] - before[0], after[1] - before[1]
+    return {
+        "entries": sent,
+        "offered_rate": sent / took,
+        "entries_per_commit": result["stats"]["messages_read"] / max(1, batches),
+        "p50_ms": float(p50),
+        "p99_ms": float(p99),
+        "max_ms": float(top),
+        "measured_rows": n,
+        "cpu_us_per_entry": (cpu_after - cpu_before) / sent * 1e6,
+        "wal_bytes_per_entry": (after[2] - before[2]) / sent,
+        "readings_growth_bytes": readings_growth,
+        "service_tables_growth_bytes": service_growth,
+        "service_over_readings": service_growth / max(1, readings_growth),
+        "peak_rss_mb": result["peak_rss_mb"],
         "code": result["code"],
     }

@@ -73,8 +73,9 @@ def wheel_bin_dir() -> Path:
 
 def debian_bin_dir() -> Path | None:
     """The newest /usr/lib/postgresql/<major>/bin with everything needed, if any."""
-    candidates = [Path(d) for d in glob.glob("/usr/lib/postgresql/*/bin")
-                  if all((Path(d) / tool).exists() for tool in TOOLS)]  # fmt: skip
+    candidates = [
+        Path(d) for d in glob.glob("/usr/lib/postgresql/*/bin") if all((Path(d) / tool).exists() for tool in TOOLS)
+    ]
     major = lambda d: int(d.parent.name) if d.parent.name.isdigit() else -1  # noqa: E731
     return max(candidates, key=major, default=None)
 
@@ -171,8 +172,10 @@ class ReplicationPair:
     def multi_host_url(self, dbname: str = "postgres") -> str:
         """libpq multi-host URL: tries the primary, then the standby, and keeps the first that
         accepts writes (psycopg 3 tries the hosts one by one, each with this attribute)."""
-        return (f"postgresql://postgres@127.0.0.1:{self.primary.port},127.0.0.1:{self.standby.port}"
-                f"/{dbname}?target_session_attrs=read-write")  # fmt: skip
+        return (
+            f"postgresql://postgres@127.0.0.1:{self.primary.port},127.0.0.1:{self.standby.port}"
+            f"/{dbname}?target_session_attrs=read-write"
+        )
 
     # --- replication controls -------------------------------------------------------------
 
@@ -189,8 +192,9 @@ class ReplicationPair:
 
     def listed_on_primary(self) -> bool:
         """Is there any walsender for the standby (whatever its state)?"""
-        row = self.primary.query("SELECT count(*) FROM pg_stat_replication WHERE application_name = %s",
-                                 (STANDBY_NAME,))  # fmt: skip
+        row = self.primary.query(
+            "SELECT count(*) FROM pg_stat_replication WHERE application_name = %s", (STANDBY_NAME,)
+        )
         return row[0] > 0
 
     def wait_streaming(self, timeout_s: float = WAIT_S) -> None:
@@ -223,8 +227,9 @@ class ReplicationPair:
         """Bytes of WAL the primary has written that the standby has not replayed:
         pg_current_wal_lsn() on the primary minus pg_last_wal_replay_lsn() on the standby."""
         primary_lsn = self.primary.query("SELECT pg_current_wal_lsn()")[0]
-        return int(self.standby.query("SELECT pg_wal_lsn_diff(%s::pg_lsn, pg_last_wal_replay_lsn())",
-                                      (str(primary_lsn),))[0])  # fmt: skip
+        return int(
+            self.standby.query("SELECT pg_wal_lsn_diff(%s::pg_lsn, pg_last_wal_replay_lsn())", (str(primary_lsn),))[0]
+        )
 
     def wait_replayed(self, timeout_s: float = WAIT_S) -> None:
         """Return once the standby has replayed everything the primary had written at the call."""
@@ -255,8 +260,9 @@ class ReplicationPair:
         a transaction id (i.e. accepts writes)."""
         with self.standby.connect() as conn:
             if not conn.execute("SELECT pg_promote(wait => true, wait_seconds => %s)", (int(timeout_s),)).fetchone()[0]:
-                raise RuntimeError(f"the standby did not finish promotion in {timeout_s:.0f} s\n"
-                                   f"{self.standby.log_tail()}")  # fmt: skip
+                raise RuntimeError(
+                    f"the standby did not finish promotion in {timeout_s:.0f} s\n{self.standby.log_tail()}"
+                )
 
         def writable() -> bool:
             try:
@@ -309,8 +315,15 @@ def primary_with_standby(bin_dir: Path | str | None = None) -> Iterator[Replicat
     env["HOME"] = user.pw_dir if user else env.get("HOME", "/")
 
     def run(argv: list, what: str, timeout_s: float = 180) -> str:
-        done = subprocess.run([str(a) for a in argv], stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=timeout_s, env=env, **run_as)  # fmt: skip
+        done = subprocess.run(
+            [str(a) for a in argv],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=env,
+            **run_as,
+        )
         if done.returncode != 0:
             raise RuntimeError(f"{what} failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
         return done.stdout
@@ -326,8 +339,21 @@ def primary_with_standby(bin_dir: Path | str | None = None) -> Iterator[Replicat
             standby.port = _free_port()
         pair = ReplicationPair(primary, standby, bin_dir, version, base)
 
-        run([bin_dir / "initdb", "-D", primary.data_dir, "-U", "postgres", "--auth=trust", "--no-locale",
-             "--encoding=UTF8", "--no-sync", "--no-instructions"], "initdb")  # fmt: skip
+        run(
+            [
+                bin_dir / "initdb",
+                "-D",
+                primary.data_dir,
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-locale",
+                "--encoding=UTF8",
+                "--no-sync",
+                "--no-instructions",
+            ],
+            "initdb",
+        )
         (primary.data_dir / "pg_hba.conf").write_text(
             "local all         all              trust\n"
             "host  all         all 127.0.0.1/32 trust\n"
@@ -354,9 +380,29 @@ def primary_with_standby(bin_dir: Path | str | None = None) -> Iterator[Replicat
 
         # -R writes primary_conninfo and primary_slot_name to postgresql.auto.conf and standby.signal;
         # -C -S creates the physical slot on the primary, so a paused standby can catch up again.
-        run([bin_dir / "pg_basebackup", "-D", standby.data_dir, "-h", "127.0.0.1", "-p", primary.port,
-             "-U", "postgres", "-X", "stream", "-R", "-C", "-S", SLOT, "-c", "fast", "--no-sync"],
-            "pg_basebackup")  # fmt: skip
+        run(
+            [
+                bin_dir / "pg_basebackup",
+                "-D",
+                standby.data_dir,
+                "-h",
+                "127.0.0.1",
+                "-p",
+                primary.port,
+                "-U",
+                "postgres",
+                "-X",
+                "stream",
+                "-R",
+                "-C",
+                "-S",
+                SLOT,
+                "-c",
+                "fast",
+                "--no-sync",
+            ],
+            "pg_basebackup",
+        )
         with open(standby.data_dir / "postgresql.conf", "a") as conf:
             conf.write(f"\n# dbw standby\nport = {standby.port}\ncluster_name = '{STANDBY_NAME}'\n")
         auto_conf = (standby.data_dir / "postgresql.auto.conf").read_text()

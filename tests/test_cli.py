@@ -55,13 +55,21 @@ def test_status_shows_length_lag_pending_and_dead_letters(redis_client, redis_ur
     assert code == 0 and "mqtt_stream:a:t" in out and "crashed=1" in out and "1 in db_writer_dead_letters" in out
 
 
-def test_status_lists_silent_sensors(redis_client, redis_url, migrated_database_url, capsys):
-    redis_client.xadd("mqtt_stream:old:t", {"value": "1", "timestamp": "2020-01-01T00:00:00Z"})
-    redis_client.xadd("mqtt_stream:new:t", {"value": "1"})  # now
+def test_status_lists_silent_sensors_by_arrival_time(redis_client, redis_url, migrated_database_url, capsys):
+    redis_client.xadd("mqtt_stream:late:t", {"value": "1", "timestamp": "2020-01-01T00:00:00Z"})  # old clock, now
+    redis_client.xadd("mqtt_stream:quiet:t", {"value": "1"})
     settings = settings_for(redis_url, migrated_database_url)
     DatabaseWriterService(settings).run(until_idle=True)
+    with psycopg.connect(migrated_database_url) as conn:  # quiet's last reading arrived two hours ago
+        conn.execute(
+            "UPDATE db_writer_sensors SET last_written_at = now() - interval '2 hours' WHERE device_id = 'quiet'"
+        )
     _code, out = run_cli(settings, "status", "--json", "--sensors", "--silent-for", "3600", capsys=capsys)
-    assert [(s["device_id"], s["sensor_type"]) for s in json.loads(out)["silent_sensors"]] == [("old", "t")]
+    silent = json.loads(out)["silent_sensors"]
+    assert [(s["device_id"], s["sensor_type"], s["readings"]) for s in silent] == [("quiet", "t", 1)]
+    _code, out = run_cli(settings, "status", "--json", "--sensors", "--silent-for", "0", capsys=capsys)
+    late = next(s for s in json.loads(out)["silent_sensors"] if s["device_id"] == "late")
+    assert late["last_reading_at"].startswith("2020-01-01") and late["clock_skew_s"] > 3e7  # its clock is years off
 
 
 def test_trace_finds_written_dead_lettered_pending_and_unread(redis_client, redis_url, migrated_database_url, capsys):
@@ -78,7 +86,15 @@ def test_trace_finds_written_dead_lettered_pending_and_unread(redis_client, redi
         assert code == 0
         return json.loads(out)
 
-    assert state(written)["state"] == "written" and state(written)["consumer"] == "worker-01"
+    assert state(written) | {"written_at": None} == {
+        "stream": "mqtt_stream:a:t",
+        "entry_id": written,
+        "state": "written",
+        "device_id": "a",
+        "sensor_type": "t",
+        "timestamp": "2024-01-01 00:00:00+00:00",
+        "written_at": None,
+    }
     letter = state(bad)
     assert letter["state"] == "dead-lettered" and letter["step"] == "parse" and "oops" in letter["error"]
     assert state(pending) | {"idle_ms": 0} == {
@@ -90,7 +106,7 @@ def test_trace_finds_written_dead_lettered_pending_and_unread(redis_client, redi
         "idle_ms": 0,
     }
     assert state(unread)["state"] == "not yet read"
-    assert state("1-0")["state"] == "unknown"
+    assert state("1-0")["state"] == "no such entry"  # never existed: the stream was never trimmed
 
 
 def test_dlq_replay_reinjects_once(redis_client, redis_url, migrated_database_url, capsys):

@@ -79,11 +79,35 @@ def test_errors_are_classified_by_sqlstate():
     import psycopg
     from psycopg_pool import PoolTimeout
 
-    from db_writer import _is_transient
+    from db_writer import classify
 
-    assert _is_transient(psycopg.OperationalError("connection lost"))  # no SQLSTATE: the link failed
-    assert _is_transient(PoolTimeout("no connection"))
-    assert _is_transient(psycopg.errors.AdminShutdown()) and _is_transient(psycopg.errors.SerializationFailure())
-    assert _is_transient(psycopg.errors.DeadlockDetected()) and _is_transient(psycopg.errors.TooManyConnections())
-    assert not _is_transient(psycopg.errors.ProgramLimitExceeded())  # an OperationalError, but about the row
-    assert not _is_transient(psycopg.errors.UniqueViolation()) and not _is_transient(psycopg.errors.UndefinedTable())
+    errors = psycopg.errors
+    transient = [
+        psycopg.OperationalError("connection lost"),
+        PoolTimeout("no connection"),
+        errors.AdminShutdown(),
+        errors.SerializationFailure(),
+        errors.DeadlockDetected(),
+        errors.TooManyConnections(),
+        errors.ReadOnlySqlTransaction(),
+        errors.LockNotAvailable(),
+        errors.IdleInTransactionSessionTimeout(),
+        errors.QueryCanceled(),
+    ]
+    rows = [
+        errors.ProgramLimitExceeded(),
+        errors.UniqueViolation(),
+        errors.CheckViolation(),
+        errors.RaiseException(),
+        errors.NumericValueOutOfRange(),
+        errors.TriggeredActionException(),
+    ]
+    refused = [
+        errors.UndefinedTable(),
+        errors.InsufficientPrivilege(),
+        errors.UndefinedColumn(),
+        errors.FeatureNotSupported(),
+    ]
+    assert [classify(e) for e in transient] == ["transient"] * len(transient)
+    assert [classify(e) for e in rows] == ["rows"] * len(rows)  # ProgramLimitExceeded: about the row
+    assert [classify(e) for e in refused] == ["refused"] * len(refused)  # says nothing about the rows

@@ -75,7 +75,7 @@ def check_outcome(database_url: str, client: redis.Redis, published: Published) 
             (s, i): e
             for s, i, e in conn.execute("SELECT original_stream, original_id, error FROM db_writer_dead_letters")
         }
-        consumers = {c for (c,) in conn.execute("SELECT DISTINCT consumer FROM db_writer_batches")}
+        consumers = {c for (c,) in conn.execute("SELECT DISTINCT consumer FROM db_writer_progress")}
     assert set(letters) == set(published.bad)
     for key, reason in published.bad.items():
         assert reason in letters[key], (key, letters[key])

@@ -27,19 +27,29 @@ def tables(database_url: str) -> set[str]:
 
 def test_upgrade_check_downgrade_round_trip(database_url):
     pending = migrate(database_url, "check")
-    assert pending.returncode == 1 and "pending migrations: 0001" in pending.stderr and "0002" in pending.stderr
+    assert pending.returncode == 1 and "pending migrations: 0001" in pending.stderr and "0003" in pending.stderr
 
     assert migrate(database_url, "upgrade").returncode == 0
-    assert {"sensor_readings", "db_writer_batches", "db_writer_dead_letters", "alembic_version"} <= tables(database_url)
+    assert {
+        "sensor_readings",
+        "db_writer_progress",
+        "db_writer_streams",
+        "db_writer_dead_letters",
+        "db_writer_sensors",
+        "alembic_version",
+    } <= tables(database_url)
+    assert "db_writer_batches" not in tables(database_url)
     ok = migrate(database_url, "check")
     assert ok.returncode == 0 and "up to date" in ok.stdout
 
-    assert migrate(database_url, "downgrade", "1").returncode == 0
-    assert "db_writer_sensors" not in tables(database_url) and "sensor_readings" in tables(database_url)
-    one_pending = migrate(database_url, "check")
-    assert one_pending.returncode == 1 and "pending migrations: 0002 (Sensor registry" in one_pending.stderr
-    assert migrate(database_url, "upgrade").returncode == 0
     assert migrate(database_url, "downgrade", "2").returncode == 0
+    assert "db_writer_sensors" not in tables(database_url) and "sensor_readings" in tables(database_url)
+    assert "db_writer_batches" in tables(database_url) and "db_writer_progress" not in tables(database_url)
+    two_pending = migrate(database_url, "check")
+    assert two_pending.returncode == 1 and "pending migrations: 0002 (Sensor registry" in two_pending.stderr
+    assert "0003 (Ledger per stream" in two_pending.stderr
+    assert migrate(database_url, "upgrade").returncode == 0
+    assert migrate(database_url, "downgrade", "3").returncode == 0
     assert "sensor_readings" not in tables(database_url)
     assert migrate(database_url, "upgrade").returncode == 0
     assert migrate(database_url, "check").returncode == 0

@@ -65,8 +65,9 @@ def test_rows_committed_on_the_primary_reach_the_read_only_standby(pair: Replica
     assert pair.system_identifier(primary) == pair.system_identifier(standby)
     assert pair.timeline(pair.primary_port) == pair.timeline(pair.standby_port) == 1
     # Asynchronous, through the slot pg_basebackup -C -S made.
-    row = primary.query("SELECT sync_state, slot_name FROM pg_stat_replication JOIN pg_replication_slots"
-                        " ON active_pid = pid")  # fmt: skip
+    row = primary.query(
+        "SELECT sync_state, slot_name FROM pg_stat_replication JOIN pg_replication_slots ON active_pid = pid"
+    )
     assert row == ("async", "dbw_standby")
 
 
@@ -165,15 +166,17 @@ def test_control_functions_work_for_a_plain_login_role(pair: ReplicationPair) ->
             assert conn.execute("SELECT timeline_id FROM pg_control_checkpoint()").fetchone() == (1,)
             conn.execute("SELECT * FROM pg_control_recovery()")
             # pg_promote is not: EXECUTE only for superusers (or roles granted it).
-            assert conn.execute("SELECT has_function_privilege('pg_promote(boolean,integer)', 'EXECUTE')"
-                                ).fetchone() == (False,)  # fmt: skip
+            assert conn.execute(
+                "SELECT has_function_privilege('pg_promote(boolean,integer)', 'EXECUTE')"
+            ).fetchone() == (False,)
             with pytest.raises(errors.InsufficientPrivilege):  # needs pg_read_all_settings
                 conn.execute("SHOW primary_conninfo")
             if node is pair.primary:
                 assert int(conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0][:8], 16) == 1
                 # The walsender's row is listed, but its state and LSNs are hidden (pg_read_all_stats).
-                assert conn.execute("SELECT application_name, state, replay_lsn FROM pg_stat_replication"
-                                    ).fetchall() == [("dbw_standby", None, None)]  # fmt: skip
+                assert conn.execute(
+                    "SELECT application_name, state, replay_lsn FROM pg_stat_replication"
+                ).fetchall() == [("dbw_standby", None, None)]
             else:
                 with pytest.raises(errors.ObjectNotInPrerequisiteState):  # "recovery is in progress"
                     conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())")

@@ -89,6 +89,6 @@ def test_two_workers_through_pgbouncer_transaction_pooling(redis_client, redis_u
     assert pending(redis_client) == 0
     with psycopg.connect(migrated_database_url) as conn:
         assert conn.execute("SELECT original_id FROM db_writer_dead_letters").fetchall() == [(bad.decode(),)]
-        assert conn.execute("SELECT sum(entries) FROM db_writer_batches").fetchone()[0] == len(expected) + 1
+        assert conn.execute("SELECT sum(entries) FROM db_writer_progress").fetchone()[0] == len(expected) + 1
     assert sum(s.stats.batches_processed for s in services) > 2
     assert all(s.stats.errors == 0 for s in services)

@@ -113,12 +113,12 @@ def test_every_entry_becomes_exactly_one_row(redis_client, redis_url, migrated_d
     assert service.stats.messages_written == len(expected) == 2400
     assert pending(redis_client) == 0
     with psycopg.connect(migrated_database_url) as conn:
-        entries, biggest, empty = conn.execute(
-            "SELECT sum(entries), max(entries), count(*) FILTER (WHERE entries = 0) FROM db_writer_batches"
+        entries, rows_inserted, streams = conn.execute(
+            "SELECT sum(entries), sum(rows_inserted), count(*) FROM db_writer_progress"
         ).fetchone()
-    assert entries == len(expected)
-    assert empty == 0  # an empty read writes nothing
-    assert biggest <= 250  # BATCH_SIZE bounds a batch across all streams
+    assert entries == rows_inserted == len(expected)  # the ledger: one row per stream, every entry counted
+    assert streams == 60
+    assert service.stats.messages_read / service.stats.batches_processed <= 250  # BATCH_SIZE bounds a batch
 
 
 def test_redelivered_entries_add_no_rows(redis_client, redis_url, migrated_database_url):
@@ -206,19 +206,44 @@ def test_entries_of_a_dead_consumer_are_claimed(redis_client, redis_url, migrate
     assert pending(redis_client) == 0
 
 
-def test_poison_entries_are_capped_by_max_retries(redis_client, redis_url, migrated_database_url):
-    stream = "mqtt_stream:dev0:t"
-    entry_id = redis_client.xadd(stream, {"value": "1", "timestamp": T0.isoformat()})
-    redis_client.xgroup_create(stream, GROUP, id="0")
-    for _ in range(3):  # three deliveries that never got written (crashes)
-        redis_client.xreadgroup(GROUP, "worker-01", {stream: "0" if _ else ">"})
+def redeliver(client, stream: str, times: int) -> bytes:
+    """An entry delivered `times` times without being written (workers that kept restarting)."""
+    entry_id = client.xadd(stream, {"value": "1", "timestamp": T0.isoformat()})
+    client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    for n in range(times):
+        client.xreadgroup(GROUP, "worker-01", {stream: "0" if n else ">"})
+    return entry_id
 
+
+def test_an_entry_delivered_too_often_is_written_alone_not_dead_lettered(
+    redis_client, redis_url, migrated_database_url
+):
+    """Deliveries also grow when workers restart for reasons of their own (outages, deploys):
+    an innocent entry past MAX_RETRIES is written, alone, and the others of its batch too."""
+    suspect = redeliver(redis_client, "mqtt_stream:dev0:t", 3)
+    others = publish(redis_client, devices=2, sensors=("h",), per_stream=5)
+    service = DatabaseWriterService(settings_for(redis_url, migrated_database_url, max_retries=3))
+    service.run(until_idle=True)
+    assert rows(migrated_database_url) == others | {("dev0", "t", T0): 1.0}
+    assert redis_client.xlen("mqtt_stream:failed") == 0 and pending(redis_client) == 0
+    assert not redis_client.keys("db_writer:writing-alone:*")  # the proof is over: the marker is gone
+    assert suspect
+
+
+def test_an_entry_that_stopped_the_worker_twice_while_alone_is_dead_lettered(
+    redis_client, redis_url, migrated_database_url
+):
+    entry_id = redeliver(redis_client, "mqtt_stream:dev0:t", 3)
+    # Two earlier workers began writing it alone and never finished (each crashed on it).
+    redis_client.set(f"db_writer:writing-alone:{GROUP.decode()}:mqtt_stream:dev0:t:{entry_id.decode()}", 2)
+    others = publish(redis_client, devices=2, sensors=("h",), per_stream=5)
     service = DatabaseWriterService(settings_for(redis_url, migrated_database_url, max_retries=3))
     service.run(until_idle=True)
     ((_, letter),) = redis_client.xrange("mqtt_stream:failed")
     assert letter[b"original_id"] == entry_id and letter[b"step"] == b"deliver"
     assert letter[b"delivery_count"] == b"4" and b"MAX_RETRIES=3" in letter[b"error"]
-    assert rows(migrated_database_url) == {}
+    assert b"stopped the worker each of the 2 times it was written alone" in letter[b"error"]
+    assert rows(migrated_database_url) == others  # the other entries were written first
     assert pending(redis_client) == 0
 
 
@@ -283,7 +308,7 @@ def test_two_workers_share_the_load_and_write_each_entry_once(redis_client, redi
     assert codes == [0, 0]
     assert rows(migrated_database_url) == expected
     with psycopg.connect(migrated_database_url) as conn:
-        per_worker = dict(conn.execute("SELECT consumer, sum(entries) FROM db_writer_batches GROUP BY consumer"))
+        per_worker = dict(conn.execute("SELECT consumer, sum(entries) FROM db_writer_progress GROUP BY consumer"))
     assert sum(per_worker.values()) == len(expected)
     assert set(per_worker) == {"w1", "w2"}  # both took part
 
@@ -440,13 +465,18 @@ def test_a_doubled_sigterm_is_one_clean_stop_and_a_later_one_is_hard(redis_clien
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(30) == 0
 
-    redis_client.xadd("mqtt_stream:x:t", {"value": "1"})  # a stream, so that reads block
-    worker = start_worker(worker_env(redis_url, migrated_database_url, "twice", BATCH_TIMEOUT_SEC="3"))
+    redis_client.xadd("mqtt_stream:x:t", {"value": "1"})
+    worker = start_worker(worker_env(redis_url, migrated_database_url, "twice", DB_LOCK_TIMEOUT_SEC="0"))
     assert wait_for(lambda: redis_client.exists(lock) and len(rows(migrated_database_url)) == 1, 30)
-    worker.send_signal(signal.SIGTERM)  # stops within the blocking read (up to 3 s) ...
-    time.sleep(1.5)
-    worker.send_signal(signal.SIGTERM)  # ... unless a second, later request says: now
-    assert worker.wait(30) == 1
+    with psycopg.connect(migrated_database_url) as blocker:
+        blocker.execute("LOCK TABLE sensor_readings IN ACCESS EXCLUSIVE MODE")  # the next write waits
+        redis_client.xadd("mqtt_stream:x:t", {"value": "2"})
+        time.sleep(1)
+        worker.send_signal(signal.SIGTERM)  # it would finish the batch in flight (30 s allowed) ...
+        time.sleep(1.5)
+        worker.send_signal(signal.SIGTERM)  # ... unless a second, later request says: now
+        assert worker.wait(30) == 1
+    assert pending(redis_client) == 1  # the batch in flight stays pending, to be delivered again
 
 
 def test_a_worker_with_no_stream_to_read_waits_instead_of_spinning(redis_client, redis_url, migrated_database_url):

@@ -11,7 +11,11 @@ import redis_reader
 
 def make_reader(redis_client, redis_url: str, batch_size: int) -> redis_reader.StreamReader:
     settings = config.load_settings(
-        redis_url=redis_url, database_url="postgresql://x@localhost/x", batch_size=batch_size, batch_timeout_sec=0.1
+        redis_url=redis_url,
+        database_url="postgresql://x@localhost/x",
+        batch_size=batch_size,
+        batch_timeout_sec=0.1,
+        batch_linger_ms=0,
     )
     reader = redis_reader.StreamReader(redis_client, settings)
     reader.refresh_streams()
@@ -30,7 +34,7 @@ def drain(reader: redis_reader.StreamReader) -> list[redis_reader.Batch]:
     batches = []
     while batch := reader.read_new():
         batches.append(batch)
-        reader.finish([(s, i) for s, i, _ in batch.entries], [])
+        reader.ack(batch.keys())
     return batches
 
 
@@ -59,7 +63,7 @@ def test_a_deep_stream_does_not_starve_the_others(redis_client, redis_url):
     while len(seen) < 199:
         batch = reader.read_new()
         assert batch, "nothing left to read, yet shallow streams were never read"
-        reader.finish([(s, i) for s, i, _ in batch.entries], [])
+        reader.ack(batch.keys())
         seen |= {s for s, _, _ in batch.entries if b"shallow" in s}
         batches += 1
     assert batches <= 20  # the 5,000-entry stream alone is 50 batches

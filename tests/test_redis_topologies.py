@@ -162,6 +162,7 @@ def test_sentinel_reports_the_primary_and_master_for_writes() -> None:
 def test_sentinel_failover_moves_the_primary_and_master_for_follows() -> None:
     with topologies.redis_sentinel() as setup, setup.client() as client:
         client.xadd(STREAM, READING)
+        assert client.execute_command("WAIT", 1, 5000) == 1  # replicated: an asynchronous failover may lose it
         old = setup.primary()
         new = setup.failover()
         assert new is not old and setup.primary_port() == new.port

@@ -12,7 +12,7 @@ from alembic import command
 import config
 import dead_letters
 import migrations
-from db_writer import DatabaseWriter, Ledger
+from db_writer import DatabaseWriter
 from schema import Layout, Reading
 
 pytestmark = pytest.mark.timescale
@@ -71,8 +71,7 @@ def test_the_writer_on_a_hypertable(tsdb_url, timescale):
             Reading(T0 + timedelta(hours=h), "esp32", "temp", float(h), '{"unit":"C"}' if h % 2 else None)
             for h in range(48)
         ]  # two days: several chunks
-        ledger = Ledger("db_writer", "w1", ["mqtt_stream:esp32:temp"], ["1-0"], ["48-0"], [48])
-        first = writer.write(rows, [], ledger, on_reject=lambda i, reason: pytest.fail(reason))
+        first = writer.write(rows, [], on_reject=lambda i, reason: pytest.fail(reason))
         assert (first.inserted, first.duplicates) == (48, 0)
 
         # Redelivered (the careful path: staging table ON COMMIT DROP + ON CONFLICT DO NOTHING),
@@ -86,7 +85,7 @@ def test_the_writer_on_a_hypertable(tsdb_url, timescale):
                 Layout(prefix="mqtt_stream:"), b"mqtt_stream:esp32:temp", b"49-0", {b"value": b"99"}, "write", reason, 1
             )
 
-        second = writer.write([*rows, clash], [], ledger, on_reject=reject)
+        second = writer.write([*rows, clash], [], on_reject=reject)
         assert (second.inserted, second.duplicates) == (0, 48)
         assert [i for i, _ in rejected] == [48] and "already stored with value 0.0" in rejected[0][1]
     finally:

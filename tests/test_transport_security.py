@@ -32,7 +32,7 @@ from redis.retry import Retry
 import config
 import migrations
 import servers
-from errors import TransientError
+from errors import StartupError
 from main import DatabaseWriterService
 from test_pipeline import wait_for
 
@@ -316,13 +316,12 @@ def test_a_wrong_redis_password_is_reported_without_being_shown(auth_redis, migr
     assert health["redis"] is False and health["database"] is True
     assert WRONG_PASSWORD in settings.redis_dsn  # the secret is really there, so the checks below can fail
 
-    with pytest.raises(TransientError) as raised:
+    with pytest.raises(StartupError) as raised:  # it will not pass by waiting: refused at once, exit status 2
         service.run(until_idle=True)
-    assert "redis unavailable" in str(raised.value)
+    assert raised.value.exit_status == 2 and "Redis refused the credentials" in str(raised.value)
     assert "invalid username-password pair" in str(raised.value) or "WRONGPASS" in str(raised.value)
     whole_chain = "".join(traceback.format_exception(raised.value))
     captured = capsys.readouterr()
-    assert "transient error; retrying" in captured.out  # the log lines are really in what is checked
     assert_no_secret(
         health,
         repr(settings),
@@ -353,8 +352,9 @@ def test_a_worker_process_with_a_wrong_redis_password_logs_and_exits_without_sho
         [sys.executable, str(ROOT / "main.py")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
     output = done.stdout + done.stderr
-    assert done.returncode == 1, output
-    assert "transient error; retrying" in output and "giving up" in output
+    assert done.returncode == 2, output
+    assert "cannot start" in output and "Traceback" not in output
+    assert done.stderr.strip().startswith("db-writer: Redis refused the credentials")
     assert "invalid username-password pair" in output or "WRONGPASS" in output
     assert_no_secret(output)
 
@@ -487,9 +487,10 @@ def test_sslmode_require_fails_clearly_against_a_server_without_ssl(database_url
     assert "migrate: cannot reach PostgreSQL at postgresql://postgres:***@" in err
     assert "server does not support SSL, but SSL was required" in err
 
-    # The worker retries as for an outage, then gives up, saying why it cannot connect.
-    with pytest.raises(TransientError, match=r"database unavailable \(check the schema\)") as raised:
+    # A refusal that time will not fix stops start-up at once, saying why (exit status 2).
+    with pytest.raises(StartupError, match=r"TLS failed") as raised:
         service.run(until_idle=True)
+    assert raised.value.exit_status == 2
     assert "server does not support SSL, but SSL was required" in str(raised.value)
-    assert service.stats.errors >= 1 and not service.running
+    assert not service.running
     assert_no_secret(err, health, repr(raised.value), capsys.readouterr())
