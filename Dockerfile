@@ -1,4 +1,7 @@
+# syntax=docker/dockerfile:1
 # db-writer worker image: one worker per container (`main.py run`); `main.py health` is the probe.
+# Migrations: `python migrations.py upgrade --wait 60` (compose.yaml's `migrate` service).
+# Runtime dependencies only; uv builds the environment, nothing calls uv at run time.
 # Not built on the development machine (it has no Docker engine); see README "Containers".
 FROM ghcr.io/astral-sh/uv:python3.12-bookworm-slim
 
@@ -6,7 +9,8 @@ ENV UV_COMPILE_BYTECODE=1 \
     UV_LINK_MODE=copy \
     UV_PYTHON_DOWNLOADS=never \
     PYTHONUNBUFFERED=1 \
-    LOG_FORMAT=json
+    LOG_FORMAT=json \
+    MIGRATE_WAIT_SEC=60
 
 WORKDIR /app
 
@@ -16,14 +20,17 @@ RUN --mount=type=cache,target=/root/.cache/uv \
     --mount=type=bind,source=pyproject.toml,target=pyproject.toml \
     uv sync --frozen --no-dev --no-install-project
 
-COPY pyproject.toml uv.lock alembic.ini migrate.sh ./
+# Then the project itself (README.md and LICENSE are part of its metadata), installed so that
+# the `db-writer` command and its version exist.
+COPY pyproject.toml uv.lock README.md LICENSE alembic.ini ./
 COPY alembic/ alembic/
 COPY *.py ./
 RUN --mount=type=cache,target=/root/.cache/uv uv sync --frozen --no-dev \
-    && useradd --system --uid 10001 --no-create-home dbwriter
+    && groupadd --system --gid 10001 dbwriter \
+    && useradd --system --uid 10001 --gid dbwriter --no-create-home --shell /usr/sbin/nologin dbwriter
 
 ENV PATH="/app/.venv/bin:$PATH"
-USER dbwriter
+USER 10001:10001
 
 HEALTHCHECK --interval=30s --timeout=10s --start-period=20s --retries=3 \
     CMD ["python", "main.py", "health"]

@@ -1,18 +1,36 @@
-"""Settings, read once from the environment (and an optional .env) and passed down.
+"""Settings, read once from the environment and a .env file, and passed down.
 
 Nothing here runs at import time: `load_settings()` builds the object, and a bad
 value raises `ConfigError` with one line that names the variable, which main.py
-prints before exiting with status 2.
+prints before exiting with status 2. `inspect_settings()` is what `main.py config`
+shows: every setting's effective value (secrets masked), where it came from, and
+every problem at once.
+
+Where values come from, the later winning: the defaults below; the .env file (by
+default `.env` in the current directory, or DB_WRITER_ENV_FILE, or `--env-file`); the
+environment; overrides passed by a caller (tests). Names are case-insensitive.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 import schema
 from errors import ConfigError
@@ -22,13 +40,44 @@ _LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
 _SECRET_FIELDS = {"redis_password", "redis_url", "database_url", "db_password", "redis_sentinel_password"}
 
 
-class Settings(BaseSettings):
+ENV_FILE_VARIABLE = "DB_WRITER_ENV_FILE"
+# Names that share our prefixes but are not settings (the tests' and tools' own).
+_NOT_OURS = ("TEST_", "DBW_", "STANDALONE_", "BENCH_", "DB_WRITER_ENV_FILE")
+_OUR_PREFIXES = (
+    "REDIS_",
+    "DB_",
+    "DATABASE_",
+    "BATCH_",
+    "CONSUMER_",
+    "STREAM_",
+    "DEAD_LETTER_",
+    "TIMESCALE_",
+    "LOG_",
+    "METRICS_",
+    "LEDGER_",
+    "MAX_",
+    "CLAIM_",
+    "SHUTDOWN_",
+    "PROCESSING_",
+    "ENABLE_",
+    "TABLE_",
+    "DEVICE_",
+    "SENSOR_",
+)
+# Set together, the first makes the others meaningless.
+_OVERRIDES = {
+    "redis_url": ("redis_host", "redis_port", "redis_db", "redis_password"),
+    "database_url": ("db_host", "db_port", "db_name", "db_user", "db_password"),
+}
+
+
+class Settings(BaseModel):
     """Every setting, with the original README's names and defaults.
 
     Field `batch_size` is read from BATCH_SIZE, and so on (names are case-insensitive).
     """
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
 
     # Redis: REDIS_URL (redis:// or rediss:// for TLS) wins over the parts. REDIS_MODE picks
     # the topology: one server, a cluster (REDIS_URL names a startup node) or a primary
@@ -102,6 +151,8 @@ class Settings(BaseSettings):
     shutdown_timeout_sec: float = Field(30.0, gt=0)
     max_outage_sec: float = Field(900.0, ge=0)
     metrics_port: int | None = Field(None, ge=1, le=65535)
+    metrics_host: str = "0.0.0.0"  # all interfaces; 127.0.0.1 to keep the endpoint on the machine
+    gap_factor: float = Field(3.0, gt=1)  # a gap: no reading for this many times a sensor's usual interval
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -271,21 +322,106 @@ def mask_url(url: str) -> str:
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """Build the settings from the environment; overrides (for tests) win over it."""
+@dataclass
+class Inspection:
+    """What `main.py config` reports: each setting with its source, the problems, warnings."""
+
+    env_file: Path
+    values: dict[str, tuple[str, str]] = field(default_factory=dict)  # NAME -> (shown value, source)
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    settings: Settings | None = None
+
+
+def env_file_path(explicit: str | Path | None = None) -> Path:
+    """The one .env every entry point reads: --env-file, else DB_WRITER_ENV_FILE, else ./.env."""
+    return Path(explicit or os.environ.get(ENV_FILE_VARIABLE) or ".env")
+
+
+def load_settings(env_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from the .env file and the environment; overrides (for tests) win."""
+    values, _, _ = _gather(env_file_path(env_file), overrides)
     try:
-        return Settings(**overrides)
+        return Settings(**values)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc)) from None
 
 
+def inspect_settings(env_file: str | Path | None = None) -> Inspection:
+    """Every setting's effective value and source, and every problem at once."""
+    path = env_file_path(env_file)
+    values, sources, unknown = _gather(path, {})
+    report = Inspection(path)
+    report.warnings = warnings(values, unknown)
+    try:
+        report.settings = Settings(**values)
+    except ValidationError as exc:
+        report.problems = [_describe(error) for error in exc.errors(include_url=False)]
+    for name, info in Settings.model_fields.items():
+        value = getattr(report.settings, name) if report.settings else values.get(name, info.default)
+        shown = "-" if value is None else ("***" if name in _SECRET_FIELDS and value else str(value))
+        if name in _SECRET_FIELDS and isinstance(value, SecretStr | str) and "://" in str(_plain(value)):
+            shown = mask_url(str(_plain(value)))
+        report.values[name.upper()] = (shown, sources.get(name, "default"))
+    return report
+
+
+def warnings(values: dict[str, Any], unknown: list[str]) -> list[str]:
+    """Likely mistakes that are not errors: a misspelt name, settings that cancel others."""
+    out = []
+    names = [n.upper() for n in Settings.model_fields]
+    for name in unknown:
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.8)
+        out.append(f"{name} is not a setting" + (f" (did you mean {close[0]}?)" if close else ""))
+    for winner, losers in _OVERRIDES.items():
+        if values.get(winner):
+            ignored = [n.upper() for n in losers if n in values]
+            if ignored:
+                out.append(
+                    f"{winner.upper()} is set, so {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored"
+                )
+    return out
+
+
+def _gather(env_file: Path, overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    """-> (values by field name, where each came from, unknown names in .env that look like ours)."""
+    fields = Settings.model_fields
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    unknown: list[str] = []
+    if env_file.is_file():
+        from dotenv import dotenv_values
+
+        for key, value in dotenv_values(env_file).items():
+            name = key.lower()
+            if name in fields:
+                if value is not None:
+                    values[name], sources[name] = value, str(env_file)
+            elif key.upper().startswith(_OUR_PREFIXES) and not key.upper().startswith(_NOT_OURS):
+                unknown.append(key.upper())
+    for key, value in os.environ.items():
+        name = key.lower()
+        if name in fields:
+            values[name], sources[name] = value, "environment"
+    for name, value in overrides.items():
+        values[name], sources[name] = value, "override"
+    return values, sources, unknown
+
+
+def _plain(value: object) -> object:
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
+
+
+def _describe(error: Any) -> str:
+    field_name = str(error["loc"][0]) if error["loc"] else ""
+    message = error["msg"].removeprefix("Value error, ")
+    if not field_name:
+        return message if re.match(r"[A-Z][A-Z_]+[ =:]", message) else f"invalid configuration: {message}"
+    hidden = field_name in _SECRET_FIELDS or error.get("input") is None or repr(error.get("input")) in message
+    shown = "" if hidden else f" (got {error['input']!r})"
+    return f"{field_name.upper()}: {message}{shown}"
+
+
 def _one_line(exc: ValidationError) -> str:
     """The first problem as `NAME: reason (got 'value')`, never echoing a secret."""
-    error = exc.errors(include_url=False)[0]
-    field = str(error["loc"][0]) if error["loc"] else ""
-    message = error["msg"].removeprefix("Value error, ")
-    if not field:  # a rule over several settings: its message starts with the variable to fix
-        return message if re.match(r"[A-Z][A-Z_]+[ =:]", message) else f"invalid configuration: {message}"
-    hidden = field in _SECRET_FIELDS or error.get("input") is None or repr(error.get("input")) in message
-    shown = "" if hidden else f" (got {error['input']!r})"
-    return f"{field.upper()}: {message}{shown}"
+    return _describe(exc.errors(include_url=False)[0])

@@ -320,11 +320,10 @@ class DatabaseWriter:
                 copy.write_row(row)
 
     def _insert_carefully(self, conn: psycopg.Connection, rows: list[Reading]) -> tuple[WriteResult, list]:
-        """Staging table, ON CONFLICT DO NOTHING, and savepoints to isolate refused rows.
-
-        If every row of a batch of several fails with the same error, the error is about
-        the table, not the rows (a trigger that refuses everything): nothing is
-        dead-lettered, the batch is retried."""
+        """Staging table, ON CONFLICT DO NOTHING, and savepoints to isolate refused rows: a
+        part that fails is split in two until the rows that fail stand alone; those are the
+        dead letters, with the server's reason, whatever their SQLSTATE class (a data error,
+        a constraint, a user's trigger or rule raising for them)."""
         result: WriteResult = WriteResult()
         inserted_keys: list = []
         if not rows:
@@ -363,9 +362,6 @@ class DatabaseWriter:
                 elif index not in clashing:
                     result.duplicate_rows.add(index)
             result.duplicates += len(indexes) - len(keys) - len(conflicts)
-        refused = {result.reasons[i] for i in result.rejected if result.reasons[i].startswith("database rejected")}
-        if len(rows) > 1 and len(result.rejected) == len(rows) and len(refused) == 1:
-            raise Refused(f"the database refuses every row of the batch the same way: {refused.pop()}")
         result.inserted = len(inserted_keys)
         result.rejected.sort()
         return result, inserted_keys
@@ -422,8 +418,8 @@ class DatabaseWriter:
         """One dead letter per entry: a redelivered bad entry adds no second one."""
         cur.executemany(
             "INSERT INTO db_writer_dead_letters (failed_at, original_stream, original_id, device_id,"
-            " sensor_type, value, step, error, consumer_group, consumer, delivery_count, fields)"
-            " VALUES (to_timestamp(%s), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " sensor_type, value, step, error, consumer_group, consumer, delivery_count, fields, replay_of)"
+            " VALUES (to_timestamp(%s), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
             " ON CONFLICT (original_stream, original_id) DO NOTHING",
             [
                 (
@@ -439,6 +435,7 @@ class DatabaseWriter:
                     self._consumer,
                     letter.delivery_count,
                     Jsonb(letter.fields),
+                    letter.replay_of,
                 )
                 for letter in letters
             ],

@@ -31,6 +31,7 @@ class DeadLetter(NamedTuple):
     delivery_count: int
     fields: dict  # JSON-safe, see encode_fields
     failed_at: float
+    replay_of: int | None = None  # the dead letter this entry was replayed from
 
 
 def make(
@@ -52,7 +53,14 @@ def make(
         delivery_count=delivery_count,
         fields=encode_fields(fields),
         failed_at=time.time(),
+        replay_of=_replay_of(fields),
     )
+
+
+def _replay_of(fields: dict) -> int | None:
+    raw = fields.get(schema.REPLAY_FIELD.encode(), fields.get(schema.REPLAY_FIELD))
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+    return int(text) if isinstance(text, str) and text.isdigit() else None
 
 
 def stream_fields(letter: DeadLetter, group: str, consumer: str) -> dict[str, str]:

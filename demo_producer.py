@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import quote
 
 import redis
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         notes = []
         for device in devices:
             for sensor, (*_values, unit) in SENSORS.items():
-                fields = {
+                fields: dict[Any, Any] = {
                     "value": f"{device.read(sensor, rng):.2f}",
                     "timestamp": now_iso(),
                     "metadata": json.dumps(

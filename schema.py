@@ -87,7 +87,9 @@ _DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)
 _JSON_WS = " \t\n\r"
 _LEAP_SECOND = re.compile(r"[0-9]{2}:[0-9]{2}:60")
 _NONZERO_MANTISSA = re.compile(r"-?[0.]*[1-9]")
-_READING_FIELDS = ("value", "timestamp", "metadata")
+# A replayed entry names the dead letter it came from (see cli.py, dlq replay); not metadata.
+REPLAY_FIELD = "db_writer_replay_of"
+_READING_FIELDS = ("value", "timestamp", "metadata", REPLAY_FIELD)
 _new_tuple = tuple.__new__
 _GLOB = re.compile(r"[*?\[\\]")
 

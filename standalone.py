@@ -139,6 +139,7 @@ class Child:
 
     def _copy_output(self) -> None:
         prefix = f"{self.name:>12} | "
+        assert self.proc.stdout is not None  # started with stdout=PIPE
         with open(self.log_path, "a", encoding="utf-8") as log:
             for raw in self.proc.stdout:
                 line = raw.decode("utf-8", "replace").rstrip("\r\n")
@@ -229,7 +230,7 @@ def _run_as() -> dict:
 def _package_dir(name: str, wheel: str) -> Path:
     """Located, not imported (importing either package sets up machinery we do not use)."""
     spec = importlib.util.find_spec(name)
-    if spec is None:
+    if spec is None or not spec.submodule_search_locations:
         raise Failed(f"the {wheel} wheel is not installed: run `uv sync` (it is in the dev dependency group)")
     return Path(spec.submodule_search_locations[0])
 
@@ -356,7 +357,7 @@ def ensure_database(url: str) -> bool:
     except psycopg.OperationalError as exc:
         if "does not exist" not in str(exc):
             raise Failed(f"cannot reach PostgreSQL at {mask_url(url)}: {str(exc).strip().splitlines()[-1]}") from None
-    name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+    name = str(psycopg.conninfo.conninfo_to_dict(url)["dbname"])
     admin = servers.database_url(url, "postgres")
     try:
         with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
@@ -409,7 +410,8 @@ class Progress:
             if self.conn is None or self.conn.closed:
                 self.conn = psycopg.connect(self.url, autocommit=True, connect_timeout=3)
                 self.conn.execute("SET statement_timeout = '2s'")
-            rows = self.conn.execute(self.query).fetchone()[0]
+            row = self.conn.execute(self.query).fetchone()
+            rows = row[0] if row else 0
             return rows, self.redis.xlen(self.dead_letter_stream)
         except psycopg.errors.QueryCanceled:
             self.disabled = True  # a big external table: counting it every few seconds is not worth it

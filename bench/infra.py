@@ -27,6 +27,14 @@ GROUP = b"db_writer"
 TABLES = "sensor_readings, db_writer_progress, db_writer_streams, db_writer_dead_letters, db_writer_sensors"
 
 
+def redis_port() -> int:
+    return urlsplit(REDIS_URL).port or 6379
+
+
+def postgres_port() -> int:
+    return urlsplit(ADMIN_URL).port or 5432
+
+
 def redis_client() -> redis.Redis:
     return redis.Redis.from_url(REDIS_URL, decode_responses=False)
 

@@ -90,7 +90,9 @@ def thread_of(funcs: set) -> str | None:
 
 def analyse(path: Path, top: int = 12) -> dict:
     steps: dict[str, Counter] = defaultdict(Counter)
-    lines, leaves, totals = Counter(), Counter(), Counter()
+    lines: Counter = Counter()
+    leaves: Counter = Counter()
+    totals: Counter = Counter()
     for raw in path.read_text().splitlines():
         stack_text, _, count = raw.rpartition(" ")
         frames = [m.groups() for m in map(FRAME.match, stack_text.split(";")) if m]

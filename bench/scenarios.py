@@ -22,21 +22,30 @@ _CTX = multiprocessing.get_context("forkserver")
 _CTX.set_forkserver_preload(["worker"])
 
 
-def _settings(db_url: str, batch_size: int | None, name: str) -> dict:
+def _settings(db_url: str, batch_size: int | None, name: str, redis_url: str | None = None) -> dict:
     """batch_size None: the service's defaults throughout (BATCH_SIZE, linger, timeouts)."""
-    settings = {"redis_url": infra.REDIS_URL, "database_url": db_url, "log_level": "WARNING", "consumer_name": name}
+    settings = {
+        "redis_url": redis_url or infra.REDIS_URL,
+        "database_url": db_url,
+        "log_level": "WARNING",
+        "consumer_name": name,
+    }
     if batch_size is not None:
         settings |= {"batch_size": batch_size, "batch_timeout_sec": 0.2}
     return settings
 
 
-def start_workers(db_url: str, batch_size: int | None, count: int, until_idle: bool) -> list:
+def start_workers(
+    db_url: str, batch_size: int | None, count: int, until_idle: bool, redis_url: str | None = None
+) -> list:
     """Start `count` workers (each its own CONSUMER_NAME) and wait until they are ready."""
     workers = []
     for k in range(count):
         conn, child = _CTX.Pipe()
         proc = _CTX.Process(
-            target=worker.serve, daemon=True, args=(child, _settings(db_url, batch_size, f"bench-{k + 1}"), until_idle)
+            target=worker.serve,
+            daemon=True,
+            args=(child, _settings(db_url, batch_size, f"bench-{k + 1}", redis_url), until_idle),
         )
         proc.start()
         workers.append((proc, conn))
@@ -59,12 +68,21 @@ def finish_workers(workers: list, timeout: float) -> list[dict]:
     return results
 
 
-def drain(db_url: str, names: list[bytes], total: int, batch_size: int, workers: int = 1) -> dict:
-    """Time from the workers being started (connected, streams found) to the last commit."""
+def drain(
+    db_url: str,
+    names: list[bytes],
+    total: int,
+    batch_size: int | None,
+    workers: int = 1,
+    redis_url: str | None = None,
+    worker_db_url: str | None = None,
+) -> dict:
+    """Time from the workers being started (connected, streams found) to the last commit.
+    `redis_url`, `worker_db_url`: what the workers connect to (through a proxy, say)."""
     with infra.redis_client() as client:
         infra.reset_groups(client, names)
         infra.reset_database(db_url)
-        procs = start_workers(db_url, batch_size, workers, until_idle=True)
+        procs = start_workers(worker_db_url or db_url, batch_size, workers, until_idle=True, redis_url=redis_url)
         go = time.time()
         for _, conn in procs:
             conn.send("go")

@@ -52,6 +52,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -310,7 +311,7 @@ def primary_with_standby(bin_dir: Path | str | None = None) -> Iterator[Replicat
     ports; both stopped and their temp dir deleted on exit, also after errors."""
     bin_dir = choose_bin_dir(bin_dir)
     user = _server_user()
-    run_as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []} if user else {}
+    run_as: dict[str, Any] = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []} if user else {}
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env["HOME"] = user.pw_dir if user else env.get("HOME", "/")
 

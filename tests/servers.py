@@ -102,7 +102,7 @@ def selected_steps() -> list[str]:
 def redis_server() -> Iterator[RedisServerInfo]:
     """The session's Redis, resolved by DBW_TEST_SERVERS; an embedded one is stopped on exit."""
     with ExitStack() as stack:
-        yield _resolve(
+        yield _resolve(  # type: ignore[misc]  # _resolve returns the candidate's own subclass
             "Redis",
             env=lambda: _env_redis(os.environ.get("TEST_REDIS_URL")),
             local=_local_redis,
@@ -114,7 +114,7 @@ def redis_server() -> Iterator[RedisServerInfo]:
 def postgres_server() -> Iterator[PostgresServerInfo]:
     """The session's PostgreSQL, resolved by DBW_TEST_SERVERS; an embedded one is stopped on exit."""
     with ExitStack() as stack:
-        yield _resolve(
+        yield _resolve(  # type: ignore[misc]  # _resolve returns the candidate's own subclass
             "PostgreSQL",
             env=lambda: _env_postgres(os.environ.get("TEST_DATABASE_URL")),
             local=_local_postgres,

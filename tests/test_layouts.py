@@ -16,6 +16,7 @@ import psycopg
 import pytest
 import redis
 
+from redis_reader import as_text
 from test_pipeline import rows, start_worker, wait_for, worker_env
 
 GROUP = "db_writer"
@@ -80,7 +81,7 @@ def check_outcome(database_url: str, client: redis.Redis, published: Published) 
     for key, reason in published.bad.items():
         assert reason in letters[key], (key, letters[key])
     in_stream = [
-        (f[b"original_stream"].decode(), f[b"original_id"].decode()) for _, f in client.xrange("mqtt_stream:failed")
+        (as_text(f[b"original_stream"]), as_text(f[b"original_id"])) for _, f in client.xrange("mqtt_stream:failed")
     ]
     assert sorted(in_stream) == sorted(published.bad)  # one dead letter each, in the stream too
     assert consumers == {"w1", "w2"}  # both workers took part
@@ -102,7 +103,7 @@ def publish(client: redis.Redis, published: Published, entries: list[tuple[str, 
 
 def test_another_stream_prefix(redis_client, redis_url, migrated_database_url):
     published = Published("telemetry:*")
-    entries = []
+    entries: list = []
     for k in range(60):
         for turbine in range(10):
             for sensor in ("wind_speed", "rotor_rpm"):
@@ -134,7 +135,7 @@ def upstream_entry(device: str, metric: str, at: datetime, value: str) -> dict:
 def identity_in_fields(streams: list[str], pattern: str) -> tuple[Published, list]:
     published = Published(pattern)
     macs = [f"a4:cf:12:00:00:{n:02x}" for n in range(20)]
-    entries = []
+    entries: list = []
     for k in range(50):
         for n, mac in enumerate(macs):
             for metric in ("temperature", "humidity"):

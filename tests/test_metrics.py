@@ -61,7 +61,49 @@ def test_metrics_healthz_readyz(redis_client, redis_url, migrated_database_url):
         assert value(text, "dbwriter_batches_total") >= 3  # batches of at most 10
         assert value(text, "dbwriter_batch_size_count") == value(text, "dbwriter_batches_total")
         assert "dbwriter_batch_duration_seconds_bucket" in text
-        assert 'dbwriter_pending{stream="mqtt_stream:other:t"} 1.0' in text
-        assert 'dbwriter_consumer_lag{stream="mqtt_stream:dev:t"} 0.0' in text
+        # Group-wide gauges carry the group: the same on every worker, combined with max().
+        assert 'dbwriter_pending{group="db_writer",stream="mqtt_stream:other:t"} 1.0' in text
+        assert 'dbwriter_consumer_lag{group="db_writer",stream="mqtt_stream:dev:t"} 0.0' in text
+        assert value(text, 'dbwriter_oldest_pending_age_seconds{group="db_writer",stream="mqtt_stream:other:t"}') >= 0
+        assert 'dbwriter_sensors_in_gap{group="db_writer"}' in text
+        assert 0 <= value(text, "dbwriter_group_metrics_age_seconds") < 10
+        assert value(text, "process_resident_memory_bytes") > 10e6 and "process_open_fds" in text
+        assert "_created" not in text
+        assert get(port, "/anything")[0] == 404 and get(port, "/metrics/x")[0] == 404
+    finally:
+        server.shutdown()
+
+
+def test_group_gauges_keep_their_last_values_while_a_server_is_down(
+    redis_client, redis_url, migrated_database_url, monkeypatch
+):
+    import metrics as metrics_module
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    redis_client.xadd("mqtt_stream:dev:t", {"value": "1"})
+    registry = Metrics()
+    service = DatabaseWriterService(settings_for(redis_url, migrated_database_url), registry)
+    server = serve(port, service, registry, host="127.0.0.1")
+    try:
+        _, before = get(port, "/metrics")
+        assert 'dbwriter_consumer_lag{group="db_writer",stream="mqtt_stream:dev:t"} 1.0' in before
+
+        def down(*args, **kwargs):
+            raise ConnectionError("Redis is down")
+
+        monkeypatch.setattr(metrics_module.redis_client, "connect", down)
+        collector = next(
+            c for c in registry.registry._collector_to_names if isinstance(c, metrics_module._GroupCollector)
+        )
+        collector._max_age_s = 0.0  # read again at every scrape
+        import time
+
+        time.sleep(1.1)
+        status, after = get(port, "/metrics")
+        assert status == 200
+        assert 'dbwriter_consumer_lag{group="db_writer",stream="mqtt_stream:dev:t"} 1.0' in after  # kept
+        assert value(after, "dbwriter_group_metrics_age_seconds") >= 1.0  # and marked stale
     finally:
         server.shutdown()

@@ -27,7 +27,7 @@ def tables(database_url: str) -> set[str]:
 
 def test_upgrade_check_downgrade_round_trip(database_url):
     pending = migrate(database_url, "check")
-    assert pending.returncode == 1 and "pending migrations: 0001" in pending.stderr and "0003" in pending.stderr
+    assert pending.returncode == 1 and "pending migrations: 0001" in pending.stderr and "0004" in pending.stderr
 
     assert migrate(database_url, "upgrade").returncode == 0
     assert {
@@ -42,14 +42,14 @@ def test_upgrade_check_downgrade_round_trip(database_url):
     ok = migrate(database_url, "check")
     assert ok.returncode == 0 and "up to date" in ok.stdout
 
-    assert migrate(database_url, "downgrade", "2").returncode == 0
+    assert migrate(database_url, "downgrade", "3").returncode == 0
     assert "db_writer_sensors" not in tables(database_url) and "sensor_readings" in tables(database_url)
     assert "db_writer_batches" in tables(database_url) and "db_writer_progress" not in tables(database_url)
-    two_pending = migrate(database_url, "check")
-    assert two_pending.returncode == 1 and "pending migrations: 0002 (Sensor registry" in two_pending.stderr
-    assert "0003 (Ledger per stream" in two_pending.stderr
+    three_pending = migrate(database_url, "check")
+    assert three_pending.returncode == 1 and "pending migrations: 0002 (Sensor registry" in three_pending.stderr
+    assert "0003 (Ledger per stream" in three_pending.stderr and "0004 (Dead letters remember" in three_pending.stderr
     assert migrate(database_url, "upgrade").returncode == 0
-    assert migrate(database_url, "downgrade", "3").returncode == 0
+    assert migrate(database_url, "downgrade", "4").returncode == 0
     assert "sensor_readings" not in tables(database_url)
     assert migrate(database_url, "upgrade").returncode == 0
     assert migrate(database_url, "check").returncode == 0
@@ -87,6 +87,9 @@ def test_create_autogenerates_a_revision(database_url, tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "DATABASE_"))}
     env["DATABASE_URL"] = database_url
+    # The copy shares the real .venv: `uv run` must not sync it, or the project's editable
+    # install would be pointed at this temporary copy (and break when it is removed).
+    env["UV_NO_SYNC"] = "1"
 
     def run(*a):
         return subprocess.run([str(copy / "migrate.sh"), *a], env=env, capture_output=True, text=True, timeout=120)
@@ -110,3 +113,10 @@ def test_missing_database_url_is_one_line():
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "DATABASE_"))}
     done = subprocess.run([str(ROOT / "migrate.sh"), "check"], cwd="/", env=environ, capture_output=True, text=True)
     assert done.returncode == 2 and "DATABASE_URL" in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_the_head_read_without_alembic_is_alembics_head():
+    import migrations
+    import schema_version
+
+    assert schema_version.head() == migrations.head_revision() is not None

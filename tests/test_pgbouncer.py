@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.skipif(PGBOUNCER is None, reason="pgbouncer is not inst
 
 
 @pytest.fixture
-def bouncer_url(migrated_database_url) -> str:
+def bouncer_url(migrated_database_url) -> Iterator[str]:
     """A PgBouncer with only 2 server connections per database, so transactions from
     several clients really do share server sessions."""
     target = conninfo_to_dict(migrated_database_url)

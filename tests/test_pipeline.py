@@ -25,7 +25,7 @@ T0 = datetime(2024, 1, 1, tzinfo=UTC)
 
 
 def settings_for(redis_url: str, database_url: str, **overrides):
-    values = {
+    values: dict = {
         "redis_url": redis_url,
         "database_url": database_url,
         "batch_timeout_sec": 0.2,
@@ -43,6 +43,21 @@ def publish(client, devices: int, sensors: tuple[str, ...], per_stream: int) -> 
     for d in range(devices):
         for sensor in sensors:
             for k in range(per_stream):
+                ts = T0 + timedelta(seconds=k)
+                value = round(d * 1000 + k * 0.25, 2)
+                pipe.xadd(f"mqtt_stream:dev{d}:{sensor}", {"value": str(value), "timestamp": ts.isoformat()})
+                expected[(f"dev{d}", sensor, ts)] = value
+    pipe.execute()
+    return expected
+
+
+def publish_range(client, devices: int, sensors: tuple[str, ...], first: int, count: int) -> dict:
+    """Like publish(), for the readings first..first+count-1 of each stream."""
+    expected = {}
+    pipe = client.pipeline(transaction=False)
+    for d in range(devices):
+        for sensor in sensors:
+            for k in range(first, first + count):
                 ts = T0 + timedelta(seconds=k)
                 value = round(d * 1000 + k * 0.25, 2)
                 pipe.xadd(f"mqtt_stream:dev{d}:{sensor}", {"value": str(value), "timestamp": ts.isoformat()})
@@ -296,9 +311,15 @@ def test_constructing_the_service_opens_no_connection():
 
 
 def test_two_workers_share_the_load_and_write_each_entry_once(redis_client, redis_url, migrated_database_url):
-    expected = publish(redis_client, devices=40, sensors=("a", "b"), per_stream=100)
     workers = [start_worker(worker_env(redis_url, migrated_database_url, f"w{i}", BATCH_SIZE=200)) for i in (1, 2)]
     try:
+        # Both up first: otherwise the quicker one drains it all before the other has started.
+        assert wait_for(lambda: all(redis_client.exists(f"db_writer:lock:db_writer:w{i}") for i in (1, 2)), 30)
+        expected = publish(redis_client, devices=40, sensors=("a", "b"), per_stream=1)
+        time.sleep(1.5)  # a re-scan: both see the streams
+        for start in range(1, 100, 10):
+            expected |= publish_range(redis_client, devices=40, sensors=("a", "b"), first=start, count=10)
+            time.sleep(0.05)
         assert wait_for(lambda: len(rows(migrated_database_url)) == len(expected), 60)
         assert wait_for(lambda: pending(redis_client) == 0, 10)
     finally:

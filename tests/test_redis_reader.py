@@ -67,3 +67,24 @@ def test_a_deep_stream_does_not_starve_the_others(redis_client, redis_url):
         seen |= {s for s, _, _ in batch.entries if b"shallow" in s}
         batches += 1
     assert batches <= 20  # the 5,000-entry stream alone is 50 batches
+
+
+def test_one_deep_stream_among_many_small_ones_drains_in_big_batches(redis_client, redis_url):
+    """The COUNT per stream is 1 with 1,000 streams in a window: a stream that fills it is
+    topped up with the batch's room at once, instead of giving one entry per batch."""
+    fill(redis_client, streams=1, per_stream=10_000, prefix="deep")
+    fill(redis_client, streams=1000, per_stream=1, prefix="idle")
+    batches = drain(make_reader(redis_client, redis_url, batch_size=1000))
+    assert sum(len(b.entries) for b in batches) == 11_000
+    assert len(batches) <= 15  # 10,000 one-entry batches before
+    assert all(len(b.entries) <= 1000 for b in batches)
+
+
+def test_a_trickle_costs_one_read_per_batch(redis_client, redis_url):
+    fill(redis_client, streams=400, per_stream=1)
+    reader = make_reader(redis_client, redis_url, batch_size=1000)
+    calls = []
+    original = reader._redis.xreadgroup
+    reader._redis.xreadgroup = lambda *a, **k: calls.append(1) or original(*a, **k)
+    batch = reader.read_new()
+    assert len(batch.entries) == 400 and len(calls) == 1
