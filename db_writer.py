@@ -24,6 +24,8 @@ else says nothing about the rows and is retried too, never turned into dead lett
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -65,6 +67,10 @@ _PERMANENT_AT_START = {
     "3D000": "the database does not exist",
     "42704": "a role does not exist",
 }
+# After these the pooled sessions are worth nothing: the server went away, is shutting down
+# or starting, turned read-only (a standby, or default_transaction_read_only), or ended one.
+_SESSIONS_LOST_STATES = {"25006", "25P03", "57P01", "57P02", "57P03"}
+RENEW_AFTER_S = 1.0  # at most one new pool a second, however many calls fail at once
 
 
 def classify(exc: BaseException) -> str:
@@ -149,10 +155,15 @@ class DatabaseWriter:
             f"{round(settings.db_idle_in_transaction_timeout_sec * 1000)}ms",
         ]
         self._pool: ConnectionPool | None = None
+        self._renew_lock = threading.Lock()
+        self._renewed = 0.0
 
     def open(self) -> None:
-        """Open the pool; server-side prepared statements are off, for PgBouncer."""
-        self._pool = ConnectionPool(
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> ConnectionPool:
+        """Server-side prepared statements are off, for PgBouncer."""
+        pool = ConnectionPool(
             self._settings.postgres_dsn,
             min_size=self._settings.db_pool_min_size,
             max_size=self._settings.db_pool_max_size,
@@ -161,7 +172,21 @@ class DatabaseWriter:
             open=False,
             name="db-writer",
         )
-        self._pool.open(wait=False)
+        pool.open(wait=False)
+        return pool
+
+    def renew(self) -> None:
+        """Replace the pool after its server was lost. psycopg_pool would keep the sessions a
+        promotion or a read-only switch left behind, and reconnect with a backoff that grew
+        during the outage (tens of seconds); a new pool connects at the first call."""
+        with self._renew_lock:
+            if self._pool is None or time.monotonic() - self._renewed < RENEW_AFTER_S:
+                return
+            self._renewed = time.monotonic()
+            old, self._pool = self._pool, self._new_pool()
+        # Its workers may sit in a connect to a silent server: close it off the caller's path.
+        # Connections still in use are closed when they come back to it.
+        threading.Thread(target=old.close, kwargs={"timeout": 5}, name="db-writer-old-pool", daemon=True).start()
 
     def close(self) -> None:
         if self._pool is not None:
@@ -227,12 +252,6 @@ class DatabaseWriter:
         except psycopg.Error:
             return False
 
-    def discard_idle(self) -> None:
-        """Drop idle pooled connections that no longer answer, so the next attempt after an
-        outage gets a live one at once instead of failing once per dead connection."""
-        if self._pool is not None:
-            self._pool.check()
-
     @contextmanager
     def _translated(self, doing: str, row_errors: bool = False) -> Iterator[None]:
         """Lost or busy database -> TransientError (LockTimeout for a lock wait that ran out);
@@ -251,6 +270,8 @@ class DatabaseWriter:
                 cause = self._why_no_connection() or exc
                 if cause is not exc:
                     reason += f" ({_first_line(cause)})"
+            if _sessions_lost(cause):
+                self.renew()
             if getattr(exc, "sqlstate", None) == "55P03":
                 raise LockTimeout(f"lock wait over DB_LOCK_TIMEOUT_SEC ({doing}): {reason}") from exc
             if why := _permanent(cause):
@@ -499,6 +520,17 @@ class _JsonTextDumper(Dumper):
 
     def dump(self, obj: Any) -> bytes:
         return b"\x01" + obj.encode()
+
+
+def _sessions_lost(exc: BaseException) -> bool:
+    if isinstance(exc, PoolTimeout):
+        return False  # the pool was only busy (else the connection error is asked for)
+    state = getattr(exc, "sqlstate", None)
+    if state in _SESSIONS_LOST_STATES:
+        return True
+    if state is None:  # no answer from the server at all
+        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+    return state.startswith("08")
 
 
 def _permanent(exc: BaseException) -> str | None:

@@ -182,7 +182,15 @@ class InFlight:
 
     def __init__(self) -> None:
         self._keys: set[tuple[bytes, bytes]] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+
+    def admit_read(self, read: Callable[[], Batch]) -> tuple[Batch, Batch]:
+        """`read()` and admit its batch with releases held off in between: an entry read back
+        from the pending list while its ack is under way would otherwise be released (acked)
+        just before the admit, and written twice. -> (what was read, what was admitted)."""
+        with self._lock:
+            batch = read()
+            return batch, self.admit(batch)
 
     def admit(self, batch: Batch) -> Batch:
         """The batch without entries already in flight; the rest are now in flight."""

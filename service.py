@@ -123,7 +123,7 @@ class DatabaseWriterService:
 
     def _read_batch(self) -> Batch:
         """Runs in the read-ahead thread. PROCESSING_INTERVAL_SEC only ever follows an empty read."""
-        batch = self._in_flight.admit(self._retry(self._next_batch, until_stop=True))
+        batch = self._retry(self._next_batch, until_stop=True)
         if not batch:
             pause = self.settings.processing_interval_sec
             if self.reader and not self.reader.streams:  # no blocking read to wait in: wait for the next re-scan
@@ -136,7 +136,8 @@ class DatabaseWriterService:
     def _next_batch(self) -> Batch:
         """Where the next batch comes from: entries of dead consumers (checked every
         STREAM_RESCAN_SEC, with a re-scan for new streams), then this consumer's own
-        pending entries (after a restart), then new entries. An empty batch means idle."""
+        pending entries (after a restart), then new entries. An empty batch means idle.
+        What it returns is admitted in flight: nothing already in flight comes back."""
         reader = self.reader
         assert reader is not None
         if time.monotonic() >= self._next_tick:
@@ -144,18 +145,20 @@ class DatabaseWriterService:
             new = reader.refresh_streams()
             if new:
                 log.info("new streams", count=len(new), streams=len(reader.streams))
-            batch = reader.claim_abandoned()
-            if batch:
+            claimed, batch = self._in_flight.admit_read(reader.claim_abandoned)
+            if claimed:
                 self._next_tick = 0.0  # more may be waiting: claim again next time
+            if batch:
                 return batch
         if self._recovering:
-            batch = reader.read_own_pending()
+            pending, batch = self._in_flight.admit_read(reader.read_own_pending)
             if batch:
                 return batch
-            self._recovering = False
+            if not pending:
+                self._recovering = False
         if self._deferred and self._deferred[0].due <= time.monotonic():
             return Batch()  # let the loop retry the deferred batch now
-        return reader.read_new()
+        return self._in_flight.admit(reader.read_new())
 
     def _process(self, batch: Batch) -> None:
         """Transform, write (rows, registry, dead letters in one transaction), publish the
@@ -449,8 +452,6 @@ class DatabaseWriterService:
             error = state.outcome.exception()
             if not since:
                 since.append(time.monotonic())
-                if self.writer is not None:
-                    self._quietly(self.writer.discard_idle)  # dead pooled connections: fail them all at once
             if state.attempt_number == 1 or state.attempt_number % 30 == 0:  # an outage: a line every ~30 s
                 level = log.error if isinstance(error, Refused | PermanentAtStart) else log.warning
                 level("transient error; retrying", error=str(error), attempt=state.attempt_number)
@@ -508,8 +509,8 @@ class DatabaseWriterService:
         """Housekeeping that may fail with a server: it is tried again at the next tick."""
         try:
             call()
-        except TransientError as exc:
-            log.warning("housekeeping postponed", error=str(exc))
+        except TransientError as exc:  # the same line as the loop's, so an outage is seen at once
+            log.warning("transient error; retrying", error=str(exc), during="housekeeping")
 
     # Start and stop
 

@@ -37,7 +37,7 @@ import scenarios
 import workload
 
 sys.path.insert(0, str(infra.ROOT / "tests"))
-from fault_proxy import FaultProxy  # noqa: E402
+from fault_proxy import FaultProxy
 
 WORKERS = (1, 2, 4, 8)
 RTTS_MS = (1.0, 5.0)

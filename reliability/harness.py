@@ -9,6 +9,7 @@ only those are stopped and restarted.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -138,10 +139,11 @@ def _pdeathsig(sig: int) -> Callable[[], None]:
 class Worker:
     """One `main.py` process under a fixed CONSUMER_NAME; restartable under the same name."""
 
-    def __init__(self, name: str, env: dict, log_dir: Path) -> None:
+    def __init__(self, name: str, env: dict, log_dir: Path, wrap: list[str] | None = None) -> None:
         self.name = name
         self.env = env
         self.log_path = log_dir / f"{name}.log"
+        self.wrap = list(wrap or [])  # an argv prefix, e.g. ["ip", "netns", "exec", NAME] (it execs: same PID)
         self.proc: subprocess.Popen | None = None
         self.starts = 0
         self.expected_exit = False
@@ -153,7 +155,7 @@ class Worker:
             log.write(f"\n=== start #{self.starts} at {time.strftime('%H:%M:%S')} ===\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
-                [str(PYTHON), str(ROOT / "main.py")],
+                [*self.wrap, str(PYTHON), str(ROOT / "main.py")],
                 cwd=ROOT,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
@@ -200,6 +202,37 @@ class Worker:
         except OSError:
             return ""
 
+    def log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def log_lines(self, since: int = 0) -> list[str]:
+        """The log's lines from byte offset `since` (see log_size())."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(since)
+                return log.read().decode(errors="replace").splitlines()
+        except OSError:
+            return []
+
+    def log_events(self, since: int = 0) -> list[dict]:
+        """The JSON log lines (structlog) from byte offset `since`, parsed; other lines skipped."""
+        events = []
+        for line in self.log_lines(since):
+            if line.startswith("{"):
+                try:
+                    events.append(json.loads(line))
+                except ValueError:
+                    continue
+        return events
+
+    def tracebacks(self) -> list[str]:
+        """Lines around each "Traceback" in the log (stdout and stderr both go there)."""
+        lines = self.log_lines()
+        return ["\n".join(lines[max(0, i - 2) : i + 12]) for i, line in enumerate(lines) if "Traceback" in line]
+
 
 def worker_env(redis_url: str, database_url: str, name: str, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "DB_", "DATABASE_", "CONSUMER_"))}
@@ -223,9 +256,17 @@ class Fleet:
     """The scenario's workers. `check()` notices a worker that exited on its own (a crash),
     records it, and starts it again, so one crash does not stall the whole scenario."""
 
-    def __init__(self, redis_url: str, database_url: str, log_dir: Path, names: list[str], **extra) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        database_url: str,
+        log_dir: Path,
+        names: list[str],
+        wrap: list[str] | None = None,
+        **extra,
+    ) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.workers = {n: Worker(n, worker_env(redis_url, database_url, n, **extra), log_dir) for n in names}
+        self.workers = {n: Worker(n, worker_env(redis_url, database_url, n, **extra), log_dir, wrap) for n in names}
         self.crashes: list[dict] = []
 
     def start(self) -> None:
@@ -297,16 +338,22 @@ class Publisher(threading.Thread):
     pause() returns once no pipeline is in flight, so a server can be restarted without
     leaving an entry whose fate is unknown."""
 
-    def __init__(self, url: str, items: list[Item], rate: float, chunk: int = 500) -> None:
+    def __init__(self, url: str, items: list[Item], rate: float, chunk: int = 500, retry_oom: bool = False) -> None:
+        """`retry_oom`: an XADD that Redis refuses for lack of memory (OOM) is sent again
+        every 0.2 s until it passes, as a producer with a buffer would; the time spent so
+        is not made up for afterwards (no burst). Any other error ends the publisher."""
         super().__init__(name="publisher", daemon=True)
         self.items, self.rate, self.chunk = items, rate, chunk
         self.client = redis.Redis.from_url(url, socket_timeout=30)
         self.sent = 0
         self.error: BaseException | None = None
+        self.retry_oom = retry_oom
+        self.oom_refusals = 0  # XADDs refused with OOM (each retried)
         self._resume = threading.Event()
         self._resume.set()
         self._idle = threading.Event()
         self._idle.set()
+        self._stopped = threading.Event()
         self.paused_s = 0.0
 
     def run(self) -> None:
@@ -317,15 +364,11 @@ class Publisher(threading.Thread):
                     waited = time.monotonic()
                     self._resume.wait()
                     self.paused_s += time.monotonic() - waited
+                if self._stopped.is_set():
+                    break
                 self._idle.clear()
                 try:
-                    part = self.items[start : start + self.chunk]
-                    pipe = self.client.pipeline(transaction=False)
-                    for item in part:
-                        pipe.xadd(item.stream, item.fields)
-                    for item, entry_id in zip(part, pipe.execute(), strict=True):
-                        item.entry_id = entry_id
-                    self.sent += len(part)
+                    self._send(self.items[start : start + self.chunk])
                 finally:
                     self._idle.set()
                 ahead = started + self.paused_s + self.sent / self.rate - time.monotonic()
@@ -335,6 +378,35 @@ class Publisher(threading.Thread):
             self.error = exc
         finally:
             self._idle.set()
+
+    def _send(self, part: list[Item]) -> None:
+        while part:
+            pipe = self.client.pipeline(transaction=False)
+            for item in part:
+                pipe.xadd(item.stream, item.fields)
+            refused = []
+            for item, entry_id in zip(part, pipe.execute(raise_on_error=not self.retry_oom), strict=True):
+                if isinstance(entry_id, Exception):
+                    # redis-py maps the "-OOM ..." reply to OutOfMemoryError, its message without "OOM"
+                    oom = isinstance(entry_id, redis.exceptions.OutOfMemoryError) or str(entry_id).startswith("OOM")
+                    if not oom:
+                        raise entry_id
+                    refused.append(item)
+                    continue
+                item.entry_id = entry_id
+                self.sent += 1
+            if refused:
+                self.oom_refusals += len(refused)
+                waited = time.monotonic()
+                time.sleep(0.2)
+                self.paused_s += time.monotonic() - waited
+            part = refused
+
+    def stop(self) -> None:
+        """Publish no further chunk; returns once the chunk in flight is done."""
+        self._stopped.set()
+        self._resume.set()
+        self.join()
 
     def pause(self) -> None:
         self._resume.clear()
@@ -473,12 +545,15 @@ class Accounting:
     bad_written: int = 0  # entries that should have been dead letters, written as rows
     dead_letters_repeated: int = 0  # entries with more than one trace row
     dead_letter_stream_missing: int = 0  # dead-lettered in the table, not in the stream
+    dead_letter_stream_repeated: int = 0  # entries with more than one dead letter in the stream
+    good_dead_lettered_deliver: int = 0  # good readings dead-lettered with step 'deliver' (MAX_RETRIES)
     dead_letter_reason_wrong: int = 0  # dead letter without the expected reason text
     bad_not_dead_lettered: int = 0  # bad entries with no trace row (excluding what Redis lost)
     rows_in_table: int = 0
-    ledger_rows_inserted: int = 0  # sum of db_writer_batches.rows_inserted
-    ledger_entries: int = 0  # sum of db_writer_batches.counts: entries that reached the write, per delivery
-    rewrites: int = 0  # ledger_entries minus the distinct entries that reached the write: redeliveries
+    ledger_rows_inserted: int = 0  # sum of db_writer_progress.rows_inserted
+    ledger_entries: int = 0  # sum of db_writer_progress.entries: entries handled, per delivery (a worker killed
+    # with -9 loses its last second of these statistics, never a row)
+    rewrites: int = 0  # ledger_entries minus the distinct entries handled: redeliveries
     reached_write: int = 0
     examples: dict = field(default_factory=dict)
 
@@ -513,8 +588,7 @@ def account(client: redis.Redis, database_url: str, items: list[Item], lost_to_r
         ):
             traces[where(stream, entry_id)].append((step, error))
         inserted, entries = conn.execute(
-            "SELECT coalesce(sum(rows_inserted), 0),"
-            " coalesce((SELECT sum(c) FROM db_writer_batches, unnest(counts) c), 0) FROM db_writer_batches"
+            "SELECT coalesce(sum(rows_inserted), 0), coalesce(sum(entries), 0) FROM db_writer_progress"
         ).fetchone()
     acc.ledger_rows_inserted, acc.ledger_entries = int(inserted), int(entries)
     in_stream = Counter(
@@ -538,7 +612,10 @@ def account(client: redis.Redis, database_url: str, items: list[Item], lost_to_r
             if in_stream[entry] == 0:
                 acc.dead_letter_stream_missing += 1
                 examples["dead_letter_stream_missing"].append(entry)
-        if written or any(step == "write" for step, _ in letters):
+        if in_stream[entry] > 1:
+            acc.dead_letter_stream_repeated += 1
+            examples["dead_letter_stream_repeated"].append((entry, in_stream[entry]))
+        if written or letters:  # handled: the ledger counts it once per handling
             reached_write += 1
         if written and letters:
             examples["written_and_dead_lettered"].append((entry, letters))
@@ -548,6 +625,8 @@ def account(client: redis.Redis, database_url: str, items: list[Item], lost_to_r
         if not item.bad and letters:
             acc.good_dead_lettered += 1
             examples["good_dead_lettered"].append((entry, item.kind, letters[0]))
+            if any(step == "deliver" for step, _ in letters):
+                acc.good_dead_lettered_deliver += 1
         if (
             item.bad
             and letters
@@ -564,7 +643,7 @@ def account(client: redis.Redis, database_url: str, items: list[Item], lost_to_r
             else:
                 acc.lost += 1
                 examples["lost"].append((entry, item.kind))
-    acc.rewrites = acc.ledger_entries - reached_write
+    acc.rewrites = max(0, acc.ledger_entries - reached_write)
     acc.reached_write = reached_write
     acc.examples = {k: [repr(x)[:300] for x in v[:5]] for k, v in examples.items()}
     return acc
@@ -583,3 +662,145 @@ def _same(stored: float, value: float | None) -> bool:
 
 def utc(ts: str) -> datetime:
     return datetime.fromisoformat(ts).astimezone(UTC)
+
+
+# Faults below TCP, in a network namespace (tests/netns.py)
+
+
+def _port_drop_program(port: int) -> str:
+    """Classic BPF for tc (direct action): drop IPv4 TCP segments from or to `port`, pass the
+    rest. At a veth's ingress the packet starts at its Ethernet header."""
+    program = [
+        (0x28, 0, 0, 12),  # ldh [12]: ethertype
+        (0x15, 0, 9, 0x0800),  # IPv4? else pass
+        (0x30, 0, 0, 23),  # ldb [23]: IP protocol
+        (0x15, 0, 7, 6),  # TCP? else pass
+        (0x28, 0, 0, 20),  # ldh [20]: flags and fragment offset
+        (0x45, 5, 0, 0x1FFF),  # a later fragment (no TCP header): pass
+        (0xB1, 0, 0, 14),  # ldxb 4*([14]&0xf): IP header length
+        (0x48, 0, 0, 14),  # ldh [x+14]: source port
+        (0x15, 3, 0, port),  # ours: drop
+        (0x48, 0, 0, 16),  # ldh [x+16]: destination port
+        (0x15, 1, 0, port),  # ours: drop
+        (0x06, 0, 0, 0),  # pass: TC_ACT_OK
+        (0x06, 0, 0, 2),  # drop: TC_ACT_SHOT
+    ]
+    return f"{len(program)}," + ",".join(f"{c} {jt} {jf} {k}" for c, jt, jf, k in program) + ","
+
+
+def drop_port(ns, port: int) -> None:
+    """Drop every packet of TCP port `port` (a proxy listening on ns.host_addr) at both ends of
+    the namespace's veth, nothing closed: only that path is black-holed, the others work.
+    Undone by ns.restore() (the same filter slot as ns.blackhole())."""
+    import netns
+
+    for name, dev in ((None, ns.host_dev), (ns.name, ns.ns_dev)):
+        netns._tc(name, "qdisc", "replace", "dev", dev, "clsact")
+        netns._tc(
+            name, "filter", "add", "dev", dev, "ingress", "pref", "1", "bpf", "da", "bytecode", _port_drop_program(port)
+        )
+
+
+def port_drop_available(ns) -> str | None:
+    """None if drop_port() works here (tried on a port nothing uses), else why not."""
+    try:
+        drop_port(ns, 9)
+    except subprocess.CalledProcessError as exc:
+        return f"tc bpf port filter refused: {(exc.stderr or exc.stdout or '').strip()}"
+    finally:
+        ns.restore()
+    return None
+
+
+# Timing from the database
+
+
+def first_writes(
+    database_url: str, since: float, consumers: list[str], timeout: float = 30.0
+) -> dict[str, float | None]:
+    """Seconds from `since` (time.time()) to each consumer's first write transaction that
+    started after it, or None if none within `timeout`. From the sensor registry
+    (db_writer_sensors.last_written_at is now() of the transaction that inserted rows, per
+    consumer): polled every 50 ms, the earliest such time still visible at the first sight."""
+    found: dict[str, float] = {}
+    since_dt = datetime.fromtimestamp(since, UTC)
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        while len(found) < len(consumers) and time.monotonic() < deadline:
+            for consumer, first in conn.execute(
+                "SELECT consumer, min(last_written_at) FROM db_writer_sensors WHERE last_written_at > %s"
+                " AND consumer = ANY(%s) GROUP BY consumer",
+                [since_dt, consumers],
+            ):
+                found.setdefault(consumer, first.timestamp() - since)
+            time.sleep(0.05)
+    return {c: (round(found[c], 2) if c in found else None) for c in consumers}
+
+
+def event_time(event: dict) -> float:
+    """A structlog JSON line's timestamp (ISO, UTC) as time.time()."""
+    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+def unhandled(database_url: str, items: list[Item]) -> list[Item]:
+    """Items with neither their row (with its value) nor a dead letter, now."""
+    with psycopg.connect(database_url) as conn:
+        rows = {
+            (d, s, t): v
+            for d, s, t, v in conn.execute("SELECT device_id, sensor_type, timestamp, value FROM sensor_readings")
+        }
+        traces = set(conn.execute("SELECT original_stream, original_id FROM db_writer_dead_letters").fetchall())
+    return [
+        it
+        for it in items
+        if not (it.key is not None and it.key in rows and _same(rows[it.key], it.value))
+        and where(it.stream, it.entry_id) not in traces
+    ]
+
+
+def pending_by_consumer(client: redis.Redis, streams: list[bytes] | None = None) -> dict[str, int]:
+    """Pending entries per consumer name, over all (or the given) streams, in one round trip."""
+    streams = consumer_streams(client) if streams is None else streams
+    pipe = client.pipeline(transaction=False)
+    for stream in streams:
+        pipe.xpending(stream, GROUP)
+    totals: dict[str, int] = {}
+    for reply in pipe.execute(raise_on_error=False):
+        if isinstance(reply, dict):
+            for consumer in reply["consumers"]:
+                name = consumer["name"].decode()
+                totals[name] = totals.get(name, 0) + consumer["pending"]
+    return totals
+
+
+def deliveries(client: redis.Redis) -> Counter:
+    """How many pending entries have been delivered how often (XPENDING's times_delivered)."""
+    found: Counter = Counter()
+    for stream in consumer_streams(client):
+        try:
+            part = client.xpending_range(stream, GROUP, min="-", max="+", count=1_000_000)
+        except redis.ResponseError:
+            continue
+        found.update(p["times_delivered"] for p in part)
+    return found
+
+
+def sigterm_all(workers: list[Worker], timeout: float = 30.0) -> dict[str, tuple[int | None, float]]:
+    """SIGTERM to each worker at once; -> {name: (exit status, seconds to exit)}. One still
+    running after `timeout` is killed (status None)."""
+    sent = time.monotonic()
+    for worker in workers:
+        worker.expected_exit = True
+        worker.proc.send_signal(signal.SIGTERM)
+    out: dict[str, tuple[int | None, float]] = {}
+    while len(out) < len(workers) and time.monotonic() - sent < timeout:
+        for worker in workers:
+            if worker.name not in out and worker.proc.poll() is not None:
+                out[worker.name] = (worker.proc.returncode, round(time.monotonic() - sent, 2))
+        time.sleep(0.01)
+    for worker in workers:
+        if worker.name not in out:
+            worker.proc.kill()
+            worker.proc.wait()
+            out[worker.name] = (None, round(time.monotonic() - sent, 2))
+    return out

@@ -1,0 +1,88 @@
+"""Pooled sessions that a server left behind: after their server ended them or turned
+read-only, the writer's next attempts reach a live, writable session within seconds."""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from db_writer import RENEW_AFTER_S, DatabaseWriter
+from errors import TransientError
+from test_pipeline import settings_for
+
+
+def _database(url: str) -> str:
+    return str(psycopg.conninfo.conninfo_to_dict(url)["dbname"])
+
+
+def _terminate(url: str, consumer: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return len(
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+                [f"db-writer {consumer}"],
+            ).fetchall()
+        )
+
+
+def _first_write(writer: DatabaseWriter, within_s: float) -> tuple[float, list[str]]:
+    """Seconds until a transaction that writes commits, and the errors met on the way."""
+    errors: list[str] = []
+    started = time.monotonic()
+    while time.monotonic() - started < within_s:
+        try:
+            with writer.transaction("write") as (conn, _):
+                conn.execute("CREATE TABLE written (x int)")
+                conn.execute("DROP TABLE written")
+            return time.monotonic() - started, errors
+        except TransientError as exc:
+            errors.append(str(exc))
+            time.sleep(0.1)
+    pytest.fail(f"no write within {within_s} s: {errors[-3:]}")
+
+
+def _read_only_setting(writer: DatabaseWriter) -> str:
+    for _ in range(50):
+        try:
+            with writer.transaction("look") as (conn, _):
+                return conn.execute("SHOW default_transaction_read_only").fetchone()[0]
+        except TransientError:  # a session the termination ended
+            time.sleep(0.1)
+    pytest.fail("no session answered")
+
+
+@pytest.fixture
+def writer(redis_url, migrated_database_url):
+    settings = settings_for(
+        redis_url, migrated_database_url, consumer_name="sessions-test", db_pool_min_size=2, db_pool_max_size=2
+    )
+    writer = DatabaseWriter(settings)
+    writer.open()
+    writer.server()  # the pool has live sessions
+    yield writer
+    writer.close()
+
+
+def test_sessions_ended_by_the_server_are_replaced_at_once(writer, migrated_database_url):
+    time.sleep(0.5)  # both pooled sessions connected
+    assert _terminate(migrated_database_url, "sessions-test") >= 1
+    took, errors = _first_write(writer, within_s=5)
+    assert took < RENEW_AFTER_S + 1.0, (took, errors)
+
+
+def test_a_server_that_turned_writable_again_is_written_to_without_a_restart(writer, migrated_database_url):
+    """default_transaction_read_only turned off again applies only to new sessions: the ones
+    opened while it was on stay read-only for good unless the pool is renewed."""
+    name = sql.Identifier(_database(migrated_database_url))
+    with psycopg.connect(migrated_database_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(name))
+        _terminate(migrated_database_url, "sessions-test")
+        time.sleep(RENEW_AFTER_S)  # the pool renewed after the termination may be renewed again
+        assert _read_only_setting(writer) == "on"  # the pool now holds sessions opened read-only
+        admin.execute(sql.SQL("ALTER DATABASE {} RESET default_transaction_read_only").format(name))
+    took, errors = _first_write(writer, within_s=10)
+    assert any("read-only" in error for error in errors), errors
+    assert took < 2 * RENEW_AFTER_S + 1.0, (took, errors)
