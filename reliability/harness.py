@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 import psycopg
 import redis
@@ -194,7 +195,7 @@ class Worker:
             token = client.get(f"db_writer:lock:{GROUP}:{self.name}") or b""
         except redis.RedisError:
             return False
-        return token.split(b"|")[1:2] == [str(self.proc.pid).encode()]
+        return as_bytes(token).split(b"|")[1:2] == [str(self.proc.pid).encode()]
 
     def log_tail(self, chars: int = 1500) -> str:
         try:
@@ -462,21 +463,25 @@ def _count_after(client: redis.Redis, stream: bytes, last: bytes) -> int:
 
 def unacked(client: redis.Redis) -> set[tuple[bytes, bytes]]:
     """Every (stream, id) still pending or not yet delivered."""
-    found = set()
+    # Entry ids arrive as bytes (these clients do not decode responses); redis-py's types also
+    # allow str, int and None, hence the casts.
+    found: set[tuple[bytes, bytes]] = set()
     for stream in consumer_streams(client):
         try:
             info = next((g for g in client.xinfo_groups(stream) if g["name"] == GROUP.encode()), None)
         except redis.ResponseError:
             info = None
         if info is None:
-            found |= {(stream, i) for i, _ in client.xrange(stream)}
+            found |= {(stream, cast(bytes, i)) for i, _ in client.xrange(stream)}
             continue
         if info["pending"]:
             found |= {
-                (stream, p["message_id"])
+                (stream, cast(bytes, p["message_id"]))
                 for p in client.xpending_range(stream, GROUP, min="-", max="+", count=info["pending"] + 10)
             }
-        found |= {(stream, i) for i, _ in client.xrange(stream, min=b"(" + info["last-delivered-id"], max="+")}
+        found |= {
+            (stream, cast(bytes, i)) for i, _ in client.xrange(stream, min=b"(" + info["last-delivered-id"], max="+")
+        }
     return found
 
 
@@ -592,13 +597,14 @@ def account(client: redis.Redis, database_url: str, items: list[Item], lost_to_r
         ).fetchone()
     acc.ledger_rows_inserted, acc.ledger_entries = int(inserted), int(entries)
     in_stream = Counter(
-        where(f[b"original_stream"].decode(), f[b"original_id"]) for _, f in client.xrange(DEAD_LETTER_STREAM)
+        where(as_text(f[b"original_stream"]), f[b"original_id"]) for _, f in client.xrange(DEAD_LETTER_STREAM)
     )
     still = unacked(client)
     pending_now, unread_now = backlog(client)
     acc.pending, acc.unread = pending_now, unread_now
     reached_write = 0
-    examples = defaultdict(list)
+    # Each kind of example is its own shape of tuple: (entry, count), (entry, letters), ...
+    examples: defaultdict[str, list[tuple[object, ...]]] = defaultdict(list)
     for item in items:
         entry = where(item.stream, item.entry_id)
         written = item.key is not None and item.key in rows and _same(rows[item.key], item.value)
@@ -654,6 +660,16 @@ def where(stream: bytes | str, entry_id: bytes | str) -> tuple[str, str]:
     it (hostile, over-long names cut, undecodable bytes as \\xNN), and the entry id."""
     entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     return dead_letters.stream_text(stream), entry_id
+
+
+def as_text(value: bytes | str) -> str:
+    """A Redis reply as text: bytes decoded (UTF-8, as bytes.decode()), str as it is."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def as_bytes(value: bytes | str) -> bytes:
+    """A Redis reply as bytes: str encoded (UTF-8), bytes as they are."""
+    return value if isinstance(value, bytes) else value.encode()
 
 
 def _same(stored: float, value: float | None) -> bool:

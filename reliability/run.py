@@ -43,6 +43,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any, NotRequired, TypedDict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -67,16 +68,35 @@ COLUMNS = [
 ]
 
 
+class CodeVersion(TypedDict):
+    combined: str  # sha256 (12 hex digits) over all the top-level modules
+    files: dict[str, str]  # module file name -> sha256 (12 hex digits)
+
+
+class Report(TypedDict):
+    """The suite's report (latest*.json); its keys are filled in as the run goes."""
+
+    mode: str  # "quick" | "full"
+    seed: int
+    started: str
+    machine: str
+    scenarios: list[dict[str, Any]]  # each a scenarios.Result.as_dict()
+    code: NotRequired[CodeVersion]
+    servers: NotRequired[str]
+    seconds: NotRequired[float]
+    ok: NotRequired[bool]
+
+
 def run_suite(
     quick: bool, only: list[str] | None = None, seed: int = 4, out_dir: Path | None = None, echo=print
-) -> dict:
+) -> Report:
     out_dir = out_dir or RESULTS
     log_root = out_dir / "logs" / ("quick" if quick else "full")
     shutil.rmtree(log_root, ignore_errors=True)
     log_root.mkdir(parents=True)
     params = scenarios.Params(quick)
     chosen = [(name, fn) for name, fn in scenarios.SCENARIOS if not only or name in only]
-    report = {
+    report: Report = {
         "mode": "quick" if quick else "full",
         "seed": seed,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -111,7 +131,7 @@ def run_suite(
     return report
 
 
-def _code_version() -> dict:
+def _code_version() -> CodeVersion:
     """Which service code ran: a hash of each top-level module (the code changes under review)."""
     import hashlib
 
@@ -155,7 +175,7 @@ def _table(rows: list[dict], header: bool = True) -> str:
     return "\n".join(lines)
 
 
-def markdown(report: dict) -> str:
+def markdown(report: Report) -> str:
     out = [
         f"# Reliability suite: {report['mode']} run, {report['started']}",
         "",
@@ -189,7 +209,7 @@ def markdown(report: dict) -> str:
     return "\n".join(out)
 
 
-def save(report: dict, out_dir: Path) -> tuple[Path, Path]:
+def save(report: Report, out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "latest" if report["mode"] == "full" else "latest-quick"
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"

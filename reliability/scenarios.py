@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import cast
 from urllib.parse import urlsplit
 
 import psycopg
@@ -625,14 +626,14 @@ def poison(ctx: Context, database_url: str) -> Result:
     _settled, _ = h.wait_settled(client, fleet, p.settle_timeout)
     pairs, problems = resolve_conflicts(database_url, items)
     res.check("each same-key, other-value pair: one stored, as published", not problems, "; ".join(problems[:5]))
-    kinds = {}
+    kinds: dict[str, int] = {}
     for it in items:
         kinds[it.kind] = kinds.get(it.kind, 0) + 1
     res.notes.append("kinds: " + ", ".join(f"{k}={v}" for k, v in sorted(kinds.items())) + f" ({pairs} conflict pairs)")
     _finish(ctx, res, client, fleet, database_url, publisher.published(), started)
     bad = [it for it in items if it.bad]
     stream_letters = {
-        h.where(f[b"original_stream"].decode(), f[b"original_id"]): f for _, f in client.xrange(h.DEAD_LETTER_STREAM)
+        h.where(h.as_text(f[b"original_stream"]), f[b"original_id"]): f for _, f in client.xrange(h.DEAD_LETTER_STREAM)
     }
     missing = [
         it.kind
@@ -762,8 +763,8 @@ def _ledger_caught_up(database_url: str) -> bool:
     return ledger == rows
 
 
-def _entry_time(entry_id: bytes) -> datetime:
-    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=int(entry_id.split(b"-")[0]))
+def _entry_time(entry_id: bytes | str) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=int(h.as_bytes(entry_id).split(b"-")[0]))
 
 
 def _corpus_outcome(letters_in_stream, database_url, name, stream, entry_id, expect) -> dict:
@@ -835,7 +836,8 @@ def _admin(ctx: Context) -> psycopg.Connection:
 
 
 def _dbname(database_url: str) -> str:
-    return conninfo_to_dict(database_url)["dbname"]
+    # conninfo_to_dict's values are typed str | int | None; a dbname parsed from a URL is a str.
+    return cast(str, conninfo_to_dict(database_url)["dbname"])
 
 
 def _kick_workers(admin: psycopg.Connection, dbname: str, consumer: str | None = None) -> int:
@@ -859,7 +861,9 @@ def _counts(database_url: str) -> tuple[int, int]:
 
 
 def _stream_letters(client: redis.Redis) -> set[tuple[str, str]]:
-    return {h.where(f[b"original_stream"].decode(), f[b"original_id"]) for _, f in client.xrange(h.DEAD_LETTER_STREAM)}
+    return {
+        h.where(h.as_text(f[b"original_stream"]), f[b"original_id"]) for _, f in client.xrange(h.DEAD_LETTER_STREAM)
+    }
 
 
 def _events(fleet: h.Fleet, offsets: dict[str, int], event: str, contains: str = "") -> dict[str, list[dict]]:
@@ -1090,7 +1094,11 @@ def restarts(ctx: Context, database_url: str) -> Result:
     for _ in range(free_rounds):
         fleet.wait_up(client)
         victim = rng.choice(names)
-        _wait_for(lambda v=victim: h.pending_by_consumer(client).get(v, 0) > 0, 3, fleet, step=0.002)
+
+        def holding(v: str = victim) -> bool:
+            return h.pending_by_consumer(client).get(v, 0) > 0
+
+        _wait_for(holding, 3, fleet, step=0.002)
         held = h.pending_by_consumer(client).get(victim, 0)
         fleet.workers[victim].kill()
         hits += held > 0
@@ -1113,7 +1121,9 @@ def restarts(ctx: Context, database_url: str) -> Result:
         + "; ".join(acc.examples.get("good_dead_lettered", [])),
     )
     with psycopg.connect(database_url) as conn:
-        steps = dict(conn.execute("SELECT step, count(*) FROM db_writer_dead_letters GROUP BY 1").fetchall())
+        steps: dict[str, int] = dict(
+            conn.execute("SELECT step, count(*) FROM db_writer_dead_letters GROUP BY 1").fetchall()
+        )
         alone = conn.execute("SELECT count(*) FROM db_writer_dead_letters WHERE step = 'deliver'").fetchone()[0]
     res.notes += log
     res.notes.append(
@@ -1221,7 +1231,9 @@ def group_destroy(ctx: Context, database_url: str) -> Result:
 
     def verified() -> bool:
         with psycopg.connect(database_url) as conn:
-            marks = dict(conn.execute("SELECT stream, checked_through FROM db_writer_streams").fetchall())
+            marks: dict[str, str] = dict(
+                conn.execute("SELECT stream, checked_through FROM db_writer_streams").fetchall()
+            )
         return all(marks.get(v.decode()) == client.xinfo_stream(v)["last-generated-id"].decode() for v in victims)
 
     res.check(
@@ -1235,7 +1247,7 @@ def group_destroy(ctx: Context, database_url: str) -> Result:
     second.start()
     _wait(1.5, fleet)
     with psycopg.connect(database_url) as conn:
-        marks = dict(
+        marks: dict[str, str] = dict(
             conn.execute(
                 "SELECT stream, checked_through FROM db_writer_streams WHERE stream = ANY(%s)", [names]
             ).fetchall()
@@ -1612,7 +1624,8 @@ def reset_recovery(ctx: Context, database_url: str) -> Result:
     items = readings(int(rate * (cuts * 4 + 20)), devices=40, rng=rng, poison_every=10, kinds=BAD_KINDS)
     names = ["w1", "w2"]
     started = time.monotonic()
-    events: list[tuple[str, dict]] = []
+    # (what was done, seconds to each worker's first commit after it, to its first new rows)
+    events: list[tuple[str, dict[str, float | None], dict[str, float | None]]] = []
     with FaultProxy("127.0.0.1", urlsplit(ctx.srv.pg.url).port) as proxy:
         fleet = h.Fleet(
             ctx.srv.valkey.url, proxy.url_for(database_url), ctx.log_root / "reset", names, LOG_LEVEL="INFO"
