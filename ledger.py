@@ -17,13 +17,14 @@ Retention (LEDGER_RETENTION, DEAD_LETTER_RETENTION) is applied here too, hourly.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import structlog
 
 from config import Settings
 from db_writer import DatabaseWriter, Server
-from redis_reader import id_key
+from redis_reader import as_text, id_key
 
 log = structlog.get_logger("ledger")
 
@@ -49,18 +50,13 @@ class Ledger:
     _flushed_at: float = field(default_factory=time.monotonic)
     _pruned_at: float = 0.0
 
-    def note(self, stream: str, entry_id: str, outcome: str) -> None:
-        """One handled entry: outcome 'row', 'duplicate' or 'dead'."""
-        tally = self._tallies.get(stream)
-        if tally is None:
-            tally = self._tallies[stream] = _Tally(entry_id, entry_id)
-        elif id_key(entry_id) < id_key(tally.first):
-            tally.first = entry_id
-        elif id_key(entry_id) > id_key(tally.last):
-            tally.last = entry_id
-        tally.entries += 1
-        tally.rows += outcome == "row"
-        tally.dead += outcome == "dead"
+    def note(self, stream: str, entry_ids: Iterable[bytes | str], rows: int, dead: int) -> None:
+        """Handled entries of one stream: `rows` of them written, `dead` dead-lettered, the
+        rest duplicates of stored rows."""
+        keyed = [(id_key(i), i) for i in entry_ids]
+        if keyed:
+            first, last = as_text(min(keyed)[1]), as_text(max(keyed)[1])
+            self._merge(stream, _Tally(first, last, len(keyed), rows, dead))
 
     def flush(self, force: bool = False, timeout_s: float | None = None) -> None:
         """Merge what was noted into this worker's progress rows (at most once a second)."""

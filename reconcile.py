@@ -28,7 +28,7 @@ from db_writer import DatabaseWriter, Server
 from errors import TransientError
 from ledger import Ledger
 from redis_client import translated
-from redis_reader import as_text, group_status, id_key, previous_id
+from redis_reader import as_text, id_key, previous_id
 from schema import InvalidEntry, Layout, Reading
 
 log = structlog.get_logger("reconcile")
@@ -100,7 +100,7 @@ class Reconciler:
         verified prefix; advance the prefix over what proved complete, only on `expect`."""
         names = [dead_letters.stream_text(s) for s in streams]
         checked = self._ledger.checked(names)
-        states = self._states(streams)
+        states = self._states(streams, {s for s, name in zip(streams, names, strict=True) if name in checked})
         report = Report()
         pending: list[_Candidate] = []
         for stream, name, state in zip(streams, names, states, strict=True):
@@ -140,43 +140,46 @@ class Reconciler:
         before its first pending entry, else its last delivered), and its position when known."""
         marks: dict[str, str] = {}
         positions: dict[str, int] = {}
-        with translated("read the acknowledged frontier"):
-            statuses = group_status(self._redis, streams, self._group)
-        for status in statuses:
-            if status.last_delivered is None:
+        for stream, state in zip(streams, self._states(streams, verified=set()), strict=True):
+            if state is None:
                 continue
-            name = dead_letters.stream_text(status.stream)
-            if status.first_pending is None:
-                marks[name] = status.last_delivered
-                if status.entries_read is not None:
-                    positions[name] = status.entries_read
+            name, last, first_pending = dead_letters.stream_text(stream), state["last"], state["first_pending"]
+            if first_pending is None:
+                marks[name] = last
+                if state["group"].get("entries-read") is not None:
+                    positions[name] = int(state["group"]["entries-read"])
             else:
-                marks[name] = min(previous_id(status.first_pending), status.last_delivered, key=id_key)
+                marks[name] = min(previous_id(first_pending), last, key=id_key)
         return marks, positions
 
     # Redis
 
-    def _states(self, streams: list[bytes]) -> list[dict | None]:
+    def _states(self, streams: list[bytes], verified: set[bytes]) -> list[dict | None]:
         """Per stream: the group's last delivered id, its entries-read, the first pending id
-        and XINFO STREAM; in three pipelined round trips."""
+        and (for the `verified` streams, whose prefix may have been trimmed) XINFO STREAM; in
+        at most three pipelined round trips, each only over the streams that need it."""
 
-        def pipelined(call: Callable[[Any, bytes], object]) -> list:
+        def pipelined(targets: list[bytes], call: Callable[[Any, bytes], object]) -> dict[bytes, Any]:
+            if not targets:
+                return {}
             pipe = self._redis.pipeline(transaction=False)
-            for stream in streams:
+            for stream in targets:
                 call(pipe, stream)
-            return pipe.execute(raise_on_error=False)
+            return dict(zip(targets, pipe.execute(raise_on_error=False), strict=True))
 
         with translated("reconcile"):
-            groups = pipelined(lambda pipe, s: pipe.xinfo_groups(s))
-            infos = pipelined(lambda pipe, s: pipe.xinfo_stream(s))
-            summaries = pipelined(lambda pipe, s: pipe.xpending(s, self._group))
-        states: list[dict | None] = []
-        for found, info, summary in zip(groups, infos, summaries, strict=True):
-            group = (
-                next((g for g in found if as_text(g.get("name")) == self._group), None)
+            groups = pipelined(streams, lambda pipe, s: pipe.xinfo_groups(s))
+            ours = {
+                stream: next((g for g in found if as_text(g.get("name")) == self._group), None)
+                for stream, found in groups.items()
                 if isinstance(found, list)
-                else None
-            )
+            }
+            holding = [s for s, g in ours.items() if g is not None and int(g.get("pending") or 0)]
+            summaries = pipelined(holding, lambda pipe, s: pipe.xpending(s, self._group))
+            infos = pipelined([s for s in streams if s in verified and ours.get(s)], lambda p, s: p.xinfo_stream(s))
+        states: list[dict | None] = []
+        for stream in streams:
+            group, summary, info = ours.get(stream), summaries.get(stream, {}), infos.get(stream, {})
             if group is None or isinstance(info, Exception) or isinstance(summary, Exception):
                 states.append(None)
                 continue
@@ -195,8 +198,8 @@ class Reconciler:
         """The entries after `start` up to the group's last delivered id that are not pending,
         a chunk at a time."""
         last = state["last"]
-        if start is not None and id_key(start) >= id_key(last):
-            return
+        if last == "0-0" or (start is not None and id_key(start) >= id_key(last)):
+            return  # nothing delivered yet, or nothing after the verified prefix
         lower = f"({start}" if start else "-"
         pending = self._pending_ids(stream, lower, last) if state["first_pending"] else set()
         while True:

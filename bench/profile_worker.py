@@ -29,14 +29,23 @@ import infra
 import scenarios
 import workload
 
-OWN = ("main.py", "redis_reader.py", "db_writer.py", "schema.py", "dead_letters.py", "read_ahead.py")
+OWN = (
+    "service.py",
+    "redis_reader.py",
+    "db_writer.py",
+    "schema.py",
+    "dead_letters.py",
+    "read_ahead.py",
+    "ledger.py",
+    "reconcile.py",
+)
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^():]+):(?P<line>\d+)\)$")
 STAGING = ("_insert_carefully", "_stage_and_insert", "_insert_rows", "_copy_and_insert")  # the careful path
 
 # (step, test on the innermost frame of the service's own code: function, file, source line)
 STEPS = [
     ("transform (schema.to_row)", lambda f, file, src: file == "schema.py" or f == "_transform"),
-    ("transform: ledger", lambda f, file, src: f == "_ledger"),
+    ("ledger: note / flush", lambda f, file, src: file == "ledger.py"),
     ("XREADGROUP", lambda f, file, src: f in ("_read", "read_new", "_next_window")),
     (
         "rescan/claim/pending",
@@ -52,12 +61,12 @@ STEPS = [
             )
         ),
     ),
-    ("XACK", lambda f, file, src: f == "finish"),
+    ("XACK", lambda f, file, src: f == "ack"),
     ("write: COPY", lambda f, file, src: f == "_copy_into_table"),
     ("write: staging path (temp table, savepoint, INSERT..SELECT)", lambda f, file, src: f in STAGING),
     ("write: sensor registry upsert", lambda f, file, src: f == "_register_sensors"),
-    ("write: ledger row", lambda f, file, src: f == "_insert_ledger"),
-    ("write: registry+ledger pipeline sync", lambda f, file, src: f == "_record"),
+    ("write: dead-letter rows", lambda f, file, src: f == "_insert_dead_letters"),
+    ("write: registry pipeline sync", lambda f, file, src: f == "_record"),
     ("write: begin/commit/pool", lambda f, file, src: f == "write"),
     ("loop waits for the read-ahead", lambda f, file, src: file == "read_ahead.py" and f == "__iter__"),
     ("read-ahead waits for a free slot", lambda f, file, src: file == "read_ahead.py" and f == "_run"),
@@ -79,9 +88,9 @@ def classify(stack: list[tuple[str, str, int]]) -> tuple[str, str]:
 
 
 def thread_of(funcs: set) -> str | None:
-    if {("_start", "main.py"), ("_teardown", "main.py")} & funcs:
+    if {("_start", "service.py"), ("_teardown", "service.py")} & funcs:
         return None
-    if ("run", "main.py") in funcs:
+    if ("run", "service.py") in funcs:
         return "loop"
     if ("_run", "read_ahead.py") in funcs:
         return "read-ahead"

