@@ -242,6 +242,7 @@ class StreamReader:
         self._cursor = 0
         self._count = 1  # COUNT per stream of the next window, see _round
         self._pending_after: dict[bytes, bytes] = {}
+        self._was_full = False  # the last batch of read_new
 
     # Streams and groups
 
@@ -281,7 +282,8 @@ class StreamReader:
     def read_new(self) -> Batch:
         """Entries never delivered to anyone. Non-blocking rounds first; when a whole turn was
         empty, a read that blocks up to BATCH_TIMEOUT_SEC. A batch that is not full waits up
-        to BATCH_LINGER_MS (from its first entry) for more, then takes what has come."""
+        to BATCH_LINGER_MS (from its first entry) for more, then takes what has come; right
+        after a full batch it does not wait: that is the tail of a backlog, not a trickle."""
         if not self.streams:
             return Batch()
         batch = self._fill(Batch(), self._batch_size)
@@ -293,9 +295,10 @@ class StreamReader:
             started = time.monotonic()
             if not self._linger_s:  # else the read after the linger takes what came meanwhile
                 batch.extend(self._fill(Batch(), self._batch_size - len(batch)))
-        if self._linger_s and len(batch) < self._batch_size:
+        if self._linger_s and len(batch) < self._batch_size and not self._was_full:
             self._wait(self._linger_s - (time.monotonic() - started))
             batch.extend(self._fill(Batch(), self._batch_size - len(batch)))
+        self._was_full = len(batch) >= self._batch_size
         return batch
 
     def _fill(self, batch: Batch, budget: int) -> Batch:

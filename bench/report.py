@@ -101,7 +101,11 @@ def targets(runs: list[dict], summary: dict, streams: int, many: int) -> list[di
     rows.append(
         ("defaults / simplest loop (drain)", ratio(runs, f"dbw-s{streams}-default-w1", "simple_loop"), ">=", 0.7)
     )
-    best = max((s["rate"], k) for k, s in summary.items() if s["kind"] == "drain" and s.get("streams") == streams)
+    best = max(
+        (s["rate"], k)
+        for k, s in summary.items()
+        if s["kind"] == "drain" and s.get("streams") == streams and s.get("workers") == 1
+    )
     rows.append(("defaults / best BATCH_SIZE (drain)", ratio(runs, f"dbw-s{streams}-default-w1", best[1]), ">=", 0.8))
     for s in summary.values():
         if s["kind"] == "trickle":

@@ -144,7 +144,7 @@ def one_repeat(repeat: int, args: argparse.Namespace, db_url: str, runs: list[di
         record(
             f"latency-s{LATENCY_STREAMS}-b{batch_size}",
             "latency",
-            f"{LATENCY_RATE:,}/s over {LATENCY_STREAMS} streams, batch {batch_size}",
+            f"{LATENCY_RATE:,}/s over {LATENCY_STREAMS} streams, batch {batch_size}, no linger",
             scenarios.latency(db_url, latency_names, LATENCY_RATE, args.latency_seconds, batch_size),
             streams=LATENCY_STREAMS,
             batch_size=batch_size,

@@ -23,7 +23,8 @@ _CTX.set_forkserver_preload(["worker"])
 
 
 def _settings(db_url: str, batch_size: int | None, name: str, redis_url: str | None = None) -> dict:
-    """batch_size None: the service's defaults throughout (BATCH_SIZE, linger, timeouts)."""
+    """batch_size None: the service's defaults throughout (BATCH_SIZE, linger, timeouts). A
+    given batch size comes without the linger: issue 5's few-millisecond latency setting."""
     settings = {
         "redis_url": redis_url or infra.REDIS_URL,
         "database_url": db_url,
@@ -31,7 +32,7 @@ def _settings(db_url: str, batch_size: int | None, name: str, redis_url: str | N
         "consumer_name": name,
     }
     if batch_size is not None:
-        settings |= {"batch_size": batch_size, "batch_timeout_sec": 0.2}
+        settings |= {"batch_size": batch_size, "batch_timeout_sec": 0.2, "batch_linger_ms": 0}
     return settings
 
 

@@ -19,7 +19,7 @@ import log
 from config import load_settings
 from main import DatabaseWriterService
 
-SERVICE = ("main.py", "redis_reader.py", "db_writer.py", "schema.py", "config.py")
+SERVICE = ("service.py", "redis_reader.py", "db_writer.py", "schema.py", "config.py", "ledger.py", "read_ahead.py")
 
 
 def code_version() -> dict:

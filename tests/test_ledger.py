@@ -204,6 +204,14 @@ def test_a_partial_batch_waits_for_more_up_to_the_linger_and_a_full_one_does_not
     started = time.monotonic()
     assert len(reader.read_new()) == 100
     assert time.monotonic() - started < 0.1
+    started = time.monotonic()
+    assert len(reader.read_new()) == 50  # the tail of the backlog: written at once too
+    assert time.monotonic() - started < 0.1
+
+    redis_client.xadd("mqtt_stream:deep:t", {"value": "0"})  # a trickle again: it waits again
+    started = time.monotonic()
+    assert len(reader.read_new()) == 1
+    assert linger_ms / 1000 <= time.monotonic() - started < linger_ms / 1000 + 0.2
 
 
 def test_reconcile_reports_acknowledged_entries_trimmed_before_they_were_verified(
