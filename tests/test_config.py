@@ -98,3 +98,14 @@ def test_main_exits_2_with_one_line(assignment):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"db-writer: {name}:"), done.stderr
     assert done.stdout == ""
+
+
+def test_env_example_lists_every_setting_with_its_default():
+    example = ROOT / ".env.example"
+    named = {line.lstrip("# ").split("=", 1)[0] for line in example.read_text().splitlines() if "=" in line}
+    from config import Settings
+
+    assert {name.upper() for name in Settings.model_fields} <= named
+    as_shipped = load_settings(env_file=example)
+    defaults = load_settings(database_url=as_shipped.database_url.get_secret_value())
+    assert as_shipped == defaults  # every line that is not commented out shows the default
