@@ -157,6 +157,7 @@ class DatabaseWriter:
         self._pool: ConnectionPool | None = None
         self._renew_lock = threading.Lock()
         self._renewed = 0.0
+        self._down = False  # the server was lost: connect directly before trusting the pool again
 
     def open(self) -> None:
         self._pool = self._new_pool()
@@ -175,12 +176,12 @@ class DatabaseWriter:
         pool.open(wait=False)
         return pool
 
-    def renew(self) -> None:
+    def renew(self, force: bool = False) -> None:
         """Replace the pool after its server was lost. psycopg_pool would keep the sessions a
         promotion or a read-only switch left behind, and reconnect with a backoff that grew
         during the outage (tens of seconds); a new pool connects at the first call."""
         with self._renew_lock:
-            if self._pool is None or time.monotonic() - self._renewed < RENEW_AFTER_S:
+            if self._pool is None or (not force and time.monotonic() - self._renewed < RENEW_AFTER_S):
                 return
             self._renewed = time.monotonic()
             old, self._pool = self._pool, self._new_pool()
@@ -200,6 +201,9 @@ class DatabaseWriter:
         (row errors pass through untranslated only with `row_errors`: the writer isolates
         them). `timeout_s` bounds the wait for a connection (a stop in progress has little time)."""
         assert self._pool is not None, "open() first"
+        with self._translated(doing, row_errors, renew=False):
+            if self._down and (timeout_s is None or timeout_s >= self._settings.db_connect_timeout_s):
+                self._probe()  # (a stop with little time left waits on the pool instead: bounded)
         with self._translated(doing, row_errors), self._pool.connection(timeout=timeout_s) as conn, conn.transaction():
             _, _, _, system_id, walfile = conn.execute(self._begin, self._timeouts).fetchone() or (None,) * 5
             if walfile is None:
@@ -253,11 +257,12 @@ class DatabaseWriter:
             return False
 
     @contextmanager
-    def _translated(self, doing: str, row_errors: bool = False) -> Iterator[None]:
+    def _translated(self, doing: str, row_errors: bool = False, renew: bool = True) -> Iterator[None]:
         """Lost or busy database -> TransientError (LockTimeout for a lock wait that ran out);
         refused for good (credentials, no such database) -> PermanentAtStart; an error that
         says nothing about the rows -> Refused. All of them are retried; row errors are
-        handled where the rows are known."""
+        handled where the rows are known. `renew`: replace the pool when its server was lost
+        (not for a failed probe: the pool is replaced when the server answers again)."""
         try:
             yield
         except (psycopg.Error, PoolTimeout) as exc:
@@ -270,7 +275,8 @@ class DatabaseWriter:
                 cause = self._why_no_connection() or exc
                 if cause is not exc:
                     reason += f" ({_first_line(cause)})"
-            if _sessions_lost(cause):
+            if renew and _sessions_lost(cause):
+                self._down = True
                 self.renew()
             if getattr(exc, "sqlstate", None) == "55P03":
                 raise LockTimeout(f"lock wait over DB_LOCK_TIMEOUT_SEC ({doing}): {reason}") from exc
@@ -279,6 +285,18 @@ class DatabaseWriter:
             if kind == "transient":
                 raise TransientError(f"database unavailable ({doing}): {reason}") from exc
             raise Refused(f"the database refused to {doing}: {reason}") from exc
+
+    def _probe(self) -> None:
+        """While the server is lost, each retry connects directly (a refused connection fails at
+        once) instead of waiting on a pool whose own reconnection backs off 1, 2, 4 s: work
+        resumes within one retry interval of the server coming back, on a fresh pool."""
+        if error := self._why_no_connection():
+            raise error
+        with self._renew_lock:
+            if not self._down:
+                return  # another thread saw it back first and renewed
+            self._down = False
+        self.renew(force=True)
 
     def _why_no_connection(self) -> psycopg.Error | None:
         try:

@@ -86,3 +86,35 @@ def test_a_server_that_turned_writable_again_is_written_to_without_a_restart(wri
     took, errors = _first_write(writer, within_s=10)
     assert any("read-only" in error for error in errors), errors
     assert took < 2 * RENEW_AFTER_S + 1.0, (took, errors)
+
+
+def test_writing_resumes_at_once_when_a_refusing_server_answers_again(redis_url, migrated_database_url):
+    """psycopg_pool's own reconnection backs off 1, 2, 4 s: a writer that waited on it wrote
+    again up to 2.5 s after the server was back. It connects directly while the server is
+    lost, so the first attempt after the server answers writes."""
+    from fault_proxy import FaultProxy
+
+    host, port = "127.0.0.1", psycopg.conninfo.conninfo_to_dict(migrated_database_url).get("port") or 5432
+    with FaultProxy(host, int(port)) as proxy:
+        settings = settings_for(redis_url, proxy.url_for(migrated_database_url), consumer_name="refused-test")
+        writer = DatabaseWriter(settings)
+        writer.open()
+        try:
+            writer.server()
+            proxy.refuse()
+            failures: list[float] = []
+            refused_until = time.monotonic() + 5
+            while time.monotonic() < refused_until:  # retries as the service makes them, a second apart
+                started = time.monotonic()
+                with pytest.raises(TransientError):
+                    writer.server()
+                failures.append(time.monotonic() - started)
+                time.sleep(1)
+            proxy.restore()
+            started = time.monotonic()
+            writer.server()
+            took = time.monotonic() - started
+        finally:
+            writer.close()
+    assert max(failures[1:]) < 0.5, failures  # each retry fails at once, not after the pool's wait
+    assert took < 0.5, took  # the first attempt after the server is back gets through
