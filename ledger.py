@@ -17,14 +17,15 @@ Retention (LEDGER_RETENTION, DEAD_LETTER_RETENTION) is applied here too, hourly.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import structlog
 
+import dead_letters
 from config import Settings
 from db_writer import DatabaseWriter, Server
-from redis_reader import as_text, id_key
+from redis_reader import id_key
 
 log = structlog.get_logger("ledger")
 
@@ -35,34 +36,53 @@ _ID = "string_to_array({}, '-')::numeric[]"  # entry ids compared as (millisecon
 
 @dataclass
 class _Tally:
-    first: str
-    last: str
+    first: tuple[int, int]  # entry ids as id_key() gives them: compared without parsing again
+    last: tuple[int, int]
     entries: int = 0
     rows: int = 0
     dead: int = 0
+
+    def add(self, other: _Tally) -> None:
+        self.first = min(self.first, other.first)
+        self.last = max(self.last, other.last)
+        self.entries += other.entries
+        self.rows += other.rows
+        self.dead += other.dead
 
 
 @dataclass
 class Ledger:
     writer: DatabaseWriter
     settings: Settings
-    _tallies: dict[str, _Tally] = field(default_factory=dict)
+    _tallies: dict[bytes | str, _Tally] = field(default_factory=dict)
     _flushed_at: float = field(default_factory=time.monotonic)
     _pruned_at: float = 0.0
 
-    def note(self, stream: str, entry_ids: Iterable[bytes | str], rows: int, dead: int) -> None:
+    def note(self, stream: bytes | str, entry_ids: Sequence[bytes | str], rows: int, dead: int) -> None:
         """Handled entries of one stream: `rows` of them written, `dead` dead-lettered, the
-        rest duplicates of stored rows."""
-        keyed = [(id_key(i), i) for i in entry_ids]
-        if keyed:
-            first, last = as_text(min(keyed)[1]), as_text(max(keyed)[1])
-            self._merge(stream, _Tally(first, last, len(keyed), rows, dead))
+        rest duplicates of stored rows. Called per stream and batch, so it stays cheap: the
+        names are turned into text once a second, at the flush."""
+        if not entry_ids:
+            return
+        if len(entry_ids) == 1:
+            first = last = id_key(entry_ids[0])
+        else:
+            keys = [id_key(i) for i in entry_ids]
+            first, last = min(keys), max(keys)
+        self._merge(stream, _Tally(first, last, len(entry_ids), rows, dead))
 
     def flush(self, force: bool = False, timeout_s: float | None = None) -> None:
         """Merge what was noted into this worker's progress rows (at most once a second)."""
         if not self._tallies or (not force and time.monotonic() - self._flushed_at < FLUSH_EVERY_S):
             return
-        tallies, self._tallies = self._tallies, {}
+        noted, self._tallies = self._tallies, {}
+        tallies: dict[str, _Tally] = {}  # a stream noted by its bytes and by its text is one row
+        for stream, tally in noted.items():
+            text = dead_letters.stream_text(stream)
+            if text in tallies:
+                tallies[text].add(tally)
+            else:
+                tallies[text] = tally
         streams = sorted(tallies)
         first, last = _ID.format("excluded.first_id"), _ID.format("excluded.last_id")
         try:
@@ -82,8 +102,8 @@ class Ledger:
                         self.settings.consumer_group_name,
                         self.settings.consumer_name,
                         streams,
-                        [tallies[s].first for s in streams],
-                        [tallies[s].last for s in streams],
+                        [_id_text(tallies[s].first) for s in streams],
+                        [_id_text(tallies[s].last) for s in streams],
                         [tallies[s].entries for s in streams],
                         [tallies[s].rows for s in streams],
                         [tallies[s].dead for s in streams],
@@ -95,16 +115,12 @@ class Ledger:
             raise
         self._flushed_at = time.monotonic()
 
-    def _merge(self, stream: str, tally: _Tally) -> None:
+    def _merge(self, stream: bytes | str, tally: _Tally) -> None:
         mine = self._tallies.get(stream)
         if mine is None:
             self._tallies[stream] = tally
-            return
-        mine.first = min(mine.first, tally.first, key=id_key)
-        mine.last = max(mine.last, tally.last, key=id_key)
-        mine.entries += tally.entries
-        mine.rows += tally.rows
-        mine.dead += tally.dead
+        else:
+            mine.add(tally)
 
     # Verified prefixes of the streams
 
@@ -203,3 +219,7 @@ class Ledger:
         if any(done.values()):
             log.info("retention applied", **done)
         return done
+
+
+def _id_text(key: tuple[int, int]) -> str:
+    return f"{key[0]}-{key[1]}"

@@ -243,6 +243,7 @@ class StreamReader:
         self._count = 1  # COUNT per stream of the next window, see _round
         self._pending_after: dict[bytes, bytes] = {}
         self._was_full = False  # the last batch of read_new
+        self._partial_at: float | None = None  # when the last batch, not full, was read
 
     # Streams and groups
 
@@ -283,22 +284,32 @@ class StreamReader:
         """Entries never delivered to anyone. Non-blocking rounds first; when a whole turn was
         empty, a read that blocks up to BATCH_TIMEOUT_SEC. A batch that is not full waits up
         to BATCH_LINGER_MS (from its first entry) for more, then takes what has come; right
-        after a full batch it does not wait: that is the tail of a backlog, not a trickle."""
+        after a full batch it does not wait: that is the tail of a backlog, not a trickle.
+        Right after a batch that was not full, the linger comes first: what arrives at a
+        trickle is then read once a batch, not twice (a read over hundreds of streams costs
+        the worker as much as a hundred entries)."""
         if not self.streams:
             return Batch()
+        lingered = False
+        if self._linger_s and self._partial_at is not None:
+            self._wait(max(0.0, self._linger_s - (time.monotonic() - self._partial_at)))
+            lingered = True
         batch = self._fill(Batch(), self._batch_size)
         started = time.monotonic()
         if not batch:
+            lingered = False
             batch = self._block()
             if not batch:
+                self._partial_at = None
                 return batch
             started = time.monotonic()
             if not self._linger_s:  # else the read after the linger takes what came meanwhile
                 batch.extend(self._fill(Batch(), self._batch_size - len(batch)))
-        if self._linger_s and len(batch) < self._batch_size and not self._was_full:
-            self._wait(self._linger_s - (time.monotonic() - started))
+        if self._linger_s and not lingered and len(batch) < self._batch_size and not self._was_full:
+            self._wait(max(0.0, self._linger_s - (time.monotonic() - started)))
             batch.extend(self._fill(Batch(), self._batch_size - len(batch)))
         self._was_full = len(batch) >= self._batch_size
+        self._partial_at = None if self._was_full else time.monotonic()
         return batch
 
     def _fill(self, batch: Batch, budget: int) -> Batch:

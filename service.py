@@ -285,7 +285,7 @@ class DatabaseWriterService:
                 counts[1] += 1
         ledger = self._require(self.ledger)
         for stream, (ids, (written, dead)) in handled.items():
-            ledger.note(dead_letters.stream_text(stream), ids, written, dead)
+            ledger.note(stream, ids, written, dead)
 
     # Between batches
 

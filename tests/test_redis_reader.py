@@ -88,3 +88,51 @@ def test_a_trickle_costs_one_read_per_batch(redis_client, redis_url):
     reader._redis.xreadgroup = lambda *a, **k: calls.append(1) or original(*a, **k)
     batch = reader.read_new()
     assert len(batch.entries) == 400 and len(calls) == 1
+
+
+def test_at_a_steady_trickle_with_the_linger_each_batch_is_one_read(redis_client, redis_url):
+    """Right after a batch that was not full the linger comes first, then one read: a read
+    at once would find only what arrived during the write, and the read after the linger
+    the rest (two reads over every stream per batch, twice the worker's read cost)."""
+    import threading
+    import time
+
+    import redis
+
+    fill(redis_client, streams=200, per_stream=1)
+    settings = config.load_settings(
+        redis_url=redis_url, database_url="postgresql://x@localhost/x", batch_size=1000, batch_linger_ms=100
+    )
+    reader = redis_reader.StreamReader(redis_client, settings)
+    reader.refresh_streams()
+    calls = []
+    original = reader._redis.xreadgroup
+    reader._redis.xreadgroup = lambda *a, **k: calls.append(1) or original(*a, **k)
+    stop = threading.Event()
+
+    def produce() -> None:  # 1,000 entries/s over the 200 streams
+        client, sent, started = redis.Redis.from_url(redis_url), 0, time.monotonic()
+        while not stop.wait(0.005):
+            due = int((time.monotonic() - started) * 1000) - sent
+            pipe = client.pipeline(transaction=False)
+            for n in range(sent, sent + due):
+                pipe.xadd(f"mqtt_stream:s{n % 200:04d}:t", {"value": "1", "timestamp": "1"})
+            pipe.execute()
+            sent += due
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    try:
+        reader.read_new()
+        calls.clear()
+        sizes = []
+        for _ in range(20):
+            batch = reader.read_new()
+            sizes.append(len(batch))
+            reader.ack(batch.keys())
+            time.sleep(0.01)  # the write
+    finally:
+        stop.set()
+        producer.join()
+    assert min(sizes) > 50, sizes  # about 100 entries each: the linger still gathers them
+    assert len(calls) <= 22, (len(calls), sizes)  # one read a batch (two before: 40)
