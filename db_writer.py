@@ -24,6 +24,8 @@ else says nothing about the rows and is retried too, never turned into dead lett
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -71,6 +73,7 @@ _PERMANENT_AT_START = {
 # or starting, turned read-only (a standby, or default_transaction_read_only), or ended one.
 _SESSIONS_LOST_STATES = {"25006", "25P03", "57P01", "57P02", "57P03"}
 RENEW_AFTER_S = 1.0  # at most one new pool a second, however many calls fail at once
+STALL_MIN_S = 5.0  # a transaction is cut after max(this, 2 x DB_STATEMENT_TIMEOUT_SEC)
 
 
 def classify(exc: BaseException) -> str:
@@ -158,9 +161,35 @@ class DatabaseWriter:
         self._renew_lock = threading.Lock()
         self._renewed = 0.0
         self._down = False  # the server was lost: connect directly before trusting the pool again
+        timeout = settings.db_statement_timeout_sec
+        self._stall_after_s = max(STALL_MIN_S, 2 * timeout) if timeout else None
+        self._open_transactions: dict[int, tuple[float, psycopg.Connection]] = {}  # id -> (deadline, conn)
+        self._watchdog: threading.Thread | None = None
+        self._closed = threading.Event()
 
     def open(self) -> None:
         self._pool = self._new_pool()
+        if self._stall_after_s and self._watchdog is None:
+            self._watchdog = threading.Thread(target=self._watch, name="db-writer-watchdog", daemon=True)
+            self._watchdog.start()
+
+    def _watch(self) -> None:
+        """Cut the connection of a transaction that outlived its bound. The server's own
+        timeouts cannot end every stall: statement_timeout is not applied while the server
+        waits for the client (a COPY whose data a middlebox holds back), and TCP timeouts do not
+        fire while a live proxy or pooler acknowledges the bytes. Shutting the socket down
+        wakes the waiting call with a lost-connection error: retried on a fresh pool."""
+        while not self._closed.wait(1.0):
+            now = time.monotonic()
+            for key, (deadline, conn) in list(self._open_transactions.items()):
+                if now < deadline or self._open_transactions.pop(key, None) is None:
+                    continue
+                log.error(
+                    "database transaction stalled; cutting its connection",
+                    after_s=self._stall_after_s,
+                    server=mask_url(self._settings.postgres_dsn),
+                )
+                _shutdown(conn)
 
     def _new_pool(self) -> ConnectionPool:
         """Server-side prepared statements are off, for PgBouncer."""
@@ -190,8 +219,21 @@ class DatabaseWriter:
         threading.Thread(target=old.close, kwargs={"timeout": 5}, name="db-writer-old-pool", daemon=True).start()
 
     def close(self) -> None:
+        self._closed.set()
         if self._pool is not None:
             self._pool.close(timeout=1)
+
+    @contextmanager
+    def _watched(self, conn: psycopg.Connection) -> Iterator[None]:
+        if self._stall_after_s is None:
+            yield
+            return
+        key = id(conn)
+        self._open_transactions[key] = (time.monotonic() + self._stall_after_s, conn)
+        try:
+            yield
+        finally:
+            self._open_transactions.pop(key, None)
 
     @contextmanager
     def transaction(
@@ -204,7 +246,12 @@ class DatabaseWriter:
         with self._translated(doing, row_errors, renew=False):
             if self._down and (timeout_s is None or timeout_s >= self._settings.db_connect_timeout_s):
                 self._probe()  # (a stop with little time left waits on the pool instead: bounded)
-        with self._translated(doing, row_errors), self._pool.connection(timeout=timeout_s) as conn, conn.transaction():
+        with (
+            self._translated(doing, row_errors),
+            self._pool.connection(timeout=timeout_s) as conn,
+            self._watched(conn),
+            conn.transaction(),
+        ):
             _, _, _, system_id, walfile = conn.execute(self._begin, self._timeouts).fetchone() or (None,) * 5
             if walfile is None:
                 raise psycopg.errors.ReadOnlySqlTransaction("the server is a standby (in recovery)")
@@ -538,6 +585,16 @@ class _JsonTextDumper(Dumper):
 
     def dump(self, obj: Any) -> bytes:
         return b"\x01" + obj.encode()
+
+
+def _shutdown(conn: psycopg.Connection) -> None:
+    """Shut the connection's socket down under the thread that waits on it (a duplicate
+    descriptor: closing it leaves libpq's own alone)."""
+    try:
+        with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except (OSError, psycopg.Error):
+        pass  # closed meanwhile
 
 
 def _sessions_lost(exc: BaseException) -> bool:

@@ -37,16 +37,22 @@ def _settings(db_url: str, batch_size: int | None, name: str, redis_url: str | N
 
 
 def start_workers(
-    db_url: str, batch_size: int | None, count: int, until_idle: bool, redis_url: str | None = None
+    db_url: str,
+    batch_size: int | None,
+    count: int,
+    until_idle: bool,
+    redis_url: str | None = None,
+    hold: bool = False,
 ) -> list:
-    """Start `count` workers (each its own CONSUMER_NAME) and wait until they are ready."""
+    """Start `count` workers (each its own CONSUMER_NAME) and wait until they are ready
+    (`hold`: see worker.TimedService)."""
     workers = []
     for k in range(count):
         conn, child = _CTX.Pipe()
         proc = _CTX.Process(
             target=worker.serve,
             daemon=True,
-            args=(child, _settings(db_url, batch_size, f"bench-{k + 1}", redis_url), until_idle),
+            args=(child, _settings(db_url, batch_size, f"bench-{k + 1}", redis_url), until_idle, hold),
         )
         proc.start()
         workers.append((proc, conn))
@@ -78,12 +84,21 @@ def drain(
     redis_url: str | None = None,
     worker_db_url: str | None = None,
 ) -> dict:
-    """Time from the workers being started (connected, streams found) to the last commit.
+    """Time from every worker being started (connected, streams found, reconciled) to the
+    last commit: start-up is reported apart (`startup_s`, until the last one was ready).
     `redis_url`, `worker_db_url`: what the workers connect to (through a proxy, say)."""
     with infra.redis_client() as client:
         infra.reset_groups(client, names)
         infra.reset_database(db_url)
-        procs = start_workers(worker_db_url or db_url, batch_size, workers, until_idle=True, redis_url=redis_url)
+        procs = start_workers(
+            worker_db_url or db_url, batch_size, workers, until_idle=True, redis_url=redis_url, hold=True
+        )
+        start = time.time()
+        for _, conn in procs:
+            conn.send("go")
+        for proc, conn in procs:
+            if not conn.poll(120) or conn.recv() != "started":
+                raise RuntimeError(f"worker {proc.pid} did not start")
         go = time.time()
         for _, conn in procs:
             conn.send("go")
@@ -97,7 +112,7 @@ def drain(
         "entries": total,
         "seconds": seconds,
         "rate": total / seconds,
-        "startup_s": first - go,
+        "startup_s": go - start,
         "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
         "cpu_s": sum(r["cpu_s"] for r in results),
         "batches": sum(r["stats"]["batches_processed"] for r in results),

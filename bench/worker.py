@@ -4,7 +4,8 @@ Processes are forked from a multiprocessing forkserver that has imported the ser
 once: a worker starts without paying for its imports (about 0.6 s here) in the middle of
 a measurement, and its peak RSS is that of a `python main.py` process. The worker runs the service's own loop,
 `DatabaseWriterService(settings).run()`; the parent sends "go" (and, for a worker
-not run until idle, "stop") over a pipe and gets back the stats.
+not run until idle, "stop") over a pipe and gets back the stats. A held worker (a drain)
+answers "started" once its start-up is done and runs its loop at a second "go".
 """
 
 from __future__ import annotations
@@ -32,12 +33,21 @@ CODE = code_version()  # taken when the forkserver imports the service, as close
 
 
 class TimedService(DatabaseWriterService):
-    """The service, noting when its start-up (connect, lock, schema check, SCAN) is done."""
+    """The service, noting when its start-up (connect, lock, schema check, SCAN) is done.
+    With `hold`, it then says "started" and waits for "go": workers of a drain all start
+    before the clock does, so none drains alone while the others start."""
 
     started_at: float | None = None
 
+    def __init__(self, settings, conn=None, hold: bool = False) -> None:
+        super().__init__(settings)
+        self._conn, self._hold = conn, hold
+
     def _start(self) -> None:
         super()._start()
+        if self._hold:
+            self._conn.send("started")
+            self._conn.recv()
         self.started_at = time.time()
 
 
@@ -49,10 +59,10 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def serve(conn, overrides: dict, until_idle: bool) -> None:
+def serve(conn, overrides: dict, until_idle: bool, hold: bool = False) -> None:
     settings = load_settings(**overrides)
     log.configure_logging(settings.log_level, settings.log_format)
-    service = TimedService(settings)
+    service = TimedService(settings, conn, hold)
     conn.send("ready")
     conn.recv()
     if not until_idle:

@@ -118,3 +118,45 @@ def test_writing_resumes_at_once_when_a_refusing_server_answers_again(redis_url,
             writer.close()
     assert max(failures[1:]) < 0.5, failures  # each retry fails at once, not after the pool's wait
     assert took < 0.5, took  # the first attempt after the server is back gets through
+
+
+def test_a_transaction_stalled_behind_a_live_proxy_is_cut_and_retried(redis_url, migrated_database_url):
+    """A proxy (or pooler) that holds the bytes back keeps TCP alive, so neither keepalives
+    nor tcp_user_timeout fire, and the server waits for the client: without a bound of
+    its own the worker waited for ever (seen in the benchmark behind a delaying proxy)."""
+    import threading
+
+    from db_writer import STALL_MIN_S
+    from fault_proxy import FaultProxy
+
+    port = psycopg.conninfo.conninfo_to_dict(migrated_database_url).get("port") or 5432
+    with FaultProxy("127.0.0.1", int(port)) as proxy:
+        settings = settings_for(
+            redis_url, proxy.url_for(migrated_database_url), consumer_name="stall-test", db_statement_timeout_sec=1
+        )
+        writer = DatabaseWriter(settings)
+        writer.open()
+        try:
+            writer.server()
+            proxy.blackhole()
+            outcome: list[BaseException | None] = []
+
+            def call() -> None:
+                try:
+                    writer.server()
+                    outcome.append(None)
+                except BaseException as exc:
+                    outcome.append(exc)
+
+            started = time.monotonic()
+            caller = threading.Thread(target=call, daemon=True)
+            caller.start()
+            caller.join(STALL_MIN_S + 5)
+            took = time.monotonic() - started
+            assert outcome, "the stalled transaction was never cut"
+            assert isinstance(outcome[0], TransientError), outcome
+            assert STALL_MIN_S - 0.5 <= took <= STALL_MIN_S + 2.5, took
+            proxy.restore()
+            _first_write(writer, within_s=5)  # a fresh connection writes
+        finally:
+            writer.close()
