@@ -318,10 +318,17 @@ class FaultProxy:
             return 0
         now, soonest = time.monotonic(), None
         for conn in self._queued:
-            for pipe in (conn.up, conn.down):
-                if pipe.queue and pipe.queue[0][0] > now:
-                    due = pipe.queue[0][0]
-                    soonest = due if soonest is None else min(soonest, due)
+            for pipe, dst in ((conn.up, conn.server), (conn.down, conn.client)):
+                if not pipe.queue:
+                    continue
+                due = pipe.queue[0][0]
+                if due <= now:
+                    # Fell due since _interest() looked: unless its socket is watched for
+                    # writing, nothing would wake the loop for it (a stall, seen behind delay()).
+                    if dst is None or not conn.events.get(dst, 0) & _W:
+                        return 0
+                    continue
+                soonest = due if soonest is None else min(soonest, due)
         return None if soonest is None else max(0.0, soonest - now)
 
     def _dispatch(self, key: selectors.SelectorKey, mask: int) -> None:

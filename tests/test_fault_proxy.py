@@ -517,3 +517,24 @@ def test_delay_adds_twice_the_one_way_latency(
         assert results == list(range(1, 1001)) and 0.1 <= took < 0.5, took
         redis_proxy.delay(0)
         assert best_round_trip(client.ping) < 0.05
+
+
+def test_a_delayed_chunk_that_fell_due_unwatched_wakes_the_loop_at_once() -> None:
+    """A chunk that falls due between the loop's last look at a connection and its next
+    select: with nothing watched for writing, the loop slept for ever (a COPY held back for
+    minutes behind delay(), seen in the scaling benchmark)."""
+    import fault_proxy
+
+    left, right = socket.socketpair()
+    try:
+        conn = fault_proxy._Conn(left)
+        conn.server = right
+        conn.up.queue.append((time.monotonic() - 0.001, memoryview(b"x")))
+        proxy = FaultProxy.__new__(FaultProxy)  # only what _timeout() reads
+        proxy._commands, proxy._queued = fault_proxy.collections.deque(), {conn}
+        assert proxy._timeout() == 0
+        conn.events[right] = fault_proxy._W  # watched: select wakes when it can be written
+        assert proxy._timeout() is None
+    finally:
+        left.close()
+        right.close()
