@@ -38,6 +38,7 @@ class TimedService(DatabaseWriterService):
     before the clock does, so none drains alone while the others start."""
 
     started_at: float | None = None
+    cpu_at_start = 0.0  # CPU seconds spent until then (start-up), left out of cpu_s
 
     def __init__(self, settings, conn=None, hold: bool = False) -> None:
         super().__init__(settings)
@@ -49,6 +50,7 @@ class TimedService(DatabaseWriterService):
             self._conn.send("started")
             self._conn.recv()
         self.started_at = time.time()
+        self.cpu_at_start = time.process_time()
 
 
 def peak_rss_mb() -> float:
@@ -79,7 +81,8 @@ def serve(conn, overrides: dict, until_idle: bool, hold: bool = False) -> None:
             "last_batch_at": service.stats.last_batch_at,
             "stats": asdict(service.stats),
             "peak_rss_mb": peak_rss_mb(),
-            "cpu_s": cpu,
+            "cpu_s": cpu - service.cpu_at_start,
+            "startup_cpu_s": service.cpu_at_start,
             "error": error,
             "code": CODE,
         }
