@@ -243,8 +243,8 @@ class DatabaseWriter:
         (row errors pass through untranslated only with `row_errors`: the writer isolates
         them). `timeout_s` bounds the wait for a connection (a stop in progress has little time)."""
         assert self._pool is not None, "open() first"
-        with self._translated(doing, row_errors, renew=False):
-            if self._down and (timeout_s is None or timeout_s >= self._settings.db_connect_timeout_s):
+        if self._down and (timeout_s is None or timeout_s >= self._settings.db_connect_timeout_s):
+            with self._translated(doing, row_errors, renew=False):
                 self._probe()  # (a stop with little time left waits on the pool instead: bounded)
         with (
             self._translated(doing, row_errors),

@@ -427,7 +427,7 @@ def kill_workers(ctx: Context, database_url: str) -> Result:
         leave_dead = n % 3 == 1 and len(names) == 1
         if n % 2 == 0 or leave_dead:  # aimed: wait (up to 3 s) until the victim holds entries it has not acked
             deadline = time.monotonic() + 3
-            while time.monotonic() < deadline and not all(_pending_by_consumer(client).get(x) for x in names):
+            while time.monotonic() < deadline and not all(h.pending_by_consumer(client).get(x) for x in names):
                 time.sleep(0.002)
         else:
             _wait(rng.uniform(0.3, 2.0), fleet)
@@ -435,13 +435,13 @@ def kill_workers(ctx: Context, database_url: str) -> Result:
             fleet.workers[name].kill()
         # A dead consumer's pending list is frozen (until CLAIM_IDLE_MS passes): exactly what it
         # had read and not acked when it died.
-        after = _pending_by_consumer(client)
+        after = h.pending_by_consumer(client)
         held = {name: after.get(name, 0) for name in names}
         in_flight += sum(1 for count in held.values() if count)
         if leave_dead:
             name = names[0]
             _wait(claim_wait, fleet)
-            later = _pending_by_consumer(client).get(name, 0)
+            later = h.pending_by_consumer(client).get(name, 0)
             left_dead.append((name, held[name], later))
             log.append(f"kill -9 {name} (pending {held[name]}), left dead {claim_wait:.0f} s: its pending -> {later}")
         else:
@@ -466,21 +466,6 @@ def kill_workers(ctx: Context, database_url: str) -> Result:
     _finish(ctx, res, client, fleet, database_url, publisher.published(), started, killed_hard=True)
     res.notes.append("worker starts: " + ", ".join(f"{w.name}={w.starts}" for w in fleet.workers.values()))
     return res
-
-
-def _pending_by_consumer(client: redis.Redis) -> dict[str, int]:
-    """Pending entries per consumer name, over all streams (one pipelined round trip)."""
-    streams = h.consumer_streams(client)
-    pipe = client.pipeline(transaction=False)
-    for stream in streams:
-        pipe.xpending(stream, h.GROUP)
-    totals: dict[str, int] = {}
-    for reply in pipe.execute(raise_on_error=False):
-        if isinstance(reply, dict):
-            for consumer in reply["consumers"]:
-                name = consumer["name"].decode()
-                totals[name] = totals.get(name, 0) + consumer["pending"]
-    return totals
 
 
 # 2. PostgreSQL outage

@@ -38,21 +38,12 @@ def settings_for(redis_url: str, database_url: str, **overrides):
 
 def publish(client, devices: int, sensors: tuple[str, ...], per_stream: int) -> dict:
     """XADD readings with unique timestamps; returns {(device, sensor, ts): value}."""
-    expected = {}
-    pipe = client.pipeline(transaction=False)
-    for d in range(devices):
-        for sensor in sensors:
-            for k in range(per_stream):
-                ts = T0 + timedelta(seconds=k)
-                value = round(d * 1000 + k * 0.25, 2)
-                pipe.xadd(f"mqtt_stream:dev{d}:{sensor}", {"value": str(value), "timestamp": ts.isoformat()})
-                expected[(f"dev{d}", sensor, ts)] = value
-    pipe.execute()
-    return expected
+    return publish_range(client, devices, sensors, 0, per_stream)
 
 
 def publish_range(client, devices: int, sensors: tuple[str, ...], first: int, count: int) -> dict:
-    """Like publish(), for the readings first..first+count-1 of each stream."""
+    """XADD the readings first..first+count-1 of each stream (unique timestamps); returns
+    {(device, sensor, ts): value}."""
     expected = {}
     pipe = client.pipeline(transaction=False)
     for d in range(devices):
