@@ -17,7 +17,7 @@ Retention (LEDGER_RETENTION, DEAD_LETTER_RETENTION) is applied here too, hourly.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import structlog
@@ -34,7 +34,10 @@ PRUNE_EVERY_S = 3600.0
 _ID = "string_to_array({}, '-')::numeric[]"  # entry ids compared as (milliseconds, sequence)
 
 
-@dataclass
+ROW, DUPLICATE, DEAD = 0, 1, 2  # what became of a handled entry (Ledger.note)
+
+
+@dataclass(slots=True)
 class _Tally:
     first: tuple[int, int]  # entry ids as id_key() gives them: compared without parsing again
     last: tuple[int, int]
@@ -58,18 +61,25 @@ class Ledger:
     _flushed_at: float = field(default_factory=time.monotonic)
     _pruned_at: float = 0.0
 
-    def note(self, stream: bytes | str, entry_ids: Sequence[bytes | str], rows: int, dead: int) -> None:
-        """Handled entries of one stream: `rows` of them written, `dead` dead-lettered, the
-        rest duplicates of stored rows. Called per stream and batch, so it stays cheap: the
-        names are turned into text once a second, at the flush."""
-        if not entry_ids:
-            return
-        if len(entry_ids) == 1:
-            first = last = id_key(entry_ids[0])
-        else:
-            keys = [id_key(i) for i in entry_ids]
-            first, last = min(keys), max(keys)
-        self._merge(stream, _Tally(first, last, len(entry_ids), rows, dead))
+    def note(self, handled: Iterable[tuple[bytes | str, bytes | str, int]]) -> None:
+        """Handled entries of a batch as (stream, entry id, ROW | DUPLICATE | DEAD). At a
+        trickle a batch holds about one entry per stream, so this is per-entry work: one
+        pass, no objects per entry; the names become text once a second, at the flush."""
+        tallies = self._tallies
+        for stream, entry_id, outcome in handled:
+            key = id_key(entry_id)
+            tally = tallies.get(stream)
+            if tally is None:
+                tally = tallies[stream] = _Tally(key, key)
+            elif key < tally.first:
+                tally.first = key
+            elif key > tally.last:
+                tally.last = key
+            tally.entries += 1
+            if outcome == ROW:
+                tally.rows += 1
+            elif outcome == DEAD:
+                tally.dead += 1
 
     def flush(self, force: bool = False, timeout_s: float | None = None) -> None:
         """Merge what was noted into this worker's progress rows (at most once a second)."""

@@ -156,6 +156,14 @@ def _is_number(raw) -> bool:
 
 
 def _value(raw) -> float:
+    if type(raw) is bytes and len(raw) <= MAX_NUMBER_LENGTH and raw.isascii() and b"_" not in raw:
+        try:  # the usual case, with no detour through text; anything odd takes the careful path
+            value = float(raw)
+        except ValueError:
+            pass
+        else:
+            if math.isfinite(value):
+                return value
     if _is_number(raw):
         try:
             value = float(raw)
@@ -179,6 +187,12 @@ def _value(raw) -> float:
 
 
 def _timestamp(raw, entry_id) -> datetime:
+    if type(raw) is bytes and b":" in raw and len(raw) <= MAX_NUMBER_LENGTH:
+        try:  # the usual ISO 8601 bytes; anything odd takes the careful path, which says why
+            ts = datetime.fromisoformat(raw.decode())
+            return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+        except (ValueError, OverflowError):  # UnicodeDecodeError is a ValueError
+            pass
     if _is_number(raw):
         return _from_epoch(raw, type(raw).__name__)
     text = "" if raw is None else _text(raw, "timestamp", MAX_NUMBER_LENGTH).strip(_ASCII_WS)

@@ -30,7 +30,7 @@ from config import Settings, load_settings
 from consumer_lock import ConsumerLock
 from db_writer import DatabaseWriter, Server, WriteResult
 from errors import LockTimeout, PermanentAtStart, Refused, StartupError, TransientError
-from ledger import Ledger
+from ledger import DEAD, DUPLICATE, ROW, Ledger
 from read_ahead import ReadAhead
 from reconcile import Reconciler, Report
 from redis_reader import Batch, Entry, InFlight
@@ -270,22 +270,16 @@ class DatabaseWriterService:
         stats.messages_trimmed += len(batch.trimmed)
         stats.batches_processed += 1
         stats.last_batch_at = time.time()
-        handled: dict[bytes | str, tuple[list, list[int]]] = {}  # stream -> (entry ids, [rows, dead letters])
-        for index, (stream, entry_id, _) in enumerate(sources):
-            ids, counts = handled.setdefault(stream, ([], [0, 0]))
-            ids.append(entry_id)
-            if index in rejected:
-                counts[1] += 1
-            elif index not in result.duplicate_rows:
-                counts[0] += 1
-        for letter in letters:
-            if letter.step != "write":
-                ids, counts = handled.setdefault(letter.original_stream, ([], [0, 0]))
-                ids.append(letter.original_id)
-                counts[1] += 1
-        ledger = self._require(self.ledger)
-        for stream, (ids, (written, dead)) in handled.items():
-            ledger.note(stream, ids, written, dead)
+        duplicates = result.duplicate_rows
+        if rejected or duplicates:
+            handled = [
+                (stream, entry_id, DEAD if index in rejected else DUPLICATE if index in duplicates else ROW)
+                for index, (stream, entry_id, _) in enumerate(sources)
+            ]
+        else:
+            handled = [(stream, entry_id, ROW) for stream, entry_id, _ in sources]
+        handled += [(letter.original_stream, letter.original_id, DEAD) for letter in letters if letter.step != "write"]
+        self._require(self.ledger).note(handled)
 
     # Between batches
 
