@@ -278,6 +278,30 @@ def test_values_accepted_are_exactly_plain_decimals(text):
         assert plain and value == float(stripped)
 
 
+def _outcome(fields):
+    try:
+        return to_row(STREAM, ENTRY_ID, fields)
+    except InvalidEntry as exc:
+        return exc.step, exc.reason
+
+
+@given(st.text(st.sampled_from("0123456789+-.eE_ \t\x1f\xa0naifINF١"), max_size=70))
+def test_values_as_bytes_and_as_text_are_judged_alike(text):
+    """Bytes (what Redis delivers) take a fast path; text takes the careful one."""
+    assert _outcome(with_value(text.encode())) == _outcome(with_value(text))
+
+
+@given(
+    st.one_of(
+        st.datetimes(timezones=st.just(UTC)).map(lambda t: t.isoformat()),
+        st.datetimes().map(lambda t: t.isoformat(sep=" ")),
+        st.text(st.sampled_from("0123456789-:T.Z+ \t\xa0"), max_size=70),
+    )
+)
+def test_timestamps_as_bytes_and_as_text_are_judged_alike(text):
+    assert _outcome(with_timestamp(text.encode())) == _outcome(with_timestamp(text))
+
+
 def test_missing_value():
     assert dead_letter({b"timestamp": b"2024-01-01T12:00:00Z"}) == ("parse", "value is missing")
 
