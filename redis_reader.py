@@ -227,6 +227,10 @@ class StreamReader:
         self._group = settings.consumer_group_name
         self._consumer = settings.consumer_name
         self._batch_size = settings.batch_size
+        # A batch within 5 % of BATCH_SIZE is full: its last few entries would be read over
+        # windows as narrow as they are few (COUNT 1, two streams a read), and when the
+        # streams are thin, as with 8 workers on one backlog, that took hundreds of reads.
+        self._full_at = self._batch_size - self._batch_size // 20
         self._block_ms = settings.block_ms
         self._linger_s = settings.batch_linger_ms / 1000
         self._pattern = settings.stream_pattern
@@ -314,21 +318,23 @@ class StreamReader:
             started = time.monotonic()
             if not self._linger_s:  # else the read after the linger takes what came meanwhile
                 batch.extend(self._fill(Batch(), self._batch_size - len(batch)))
-        if self._linger_s and not lingered and len(batch) < self._batch_size and not self._was_full:
+        if self._linger_s and not lingered and len(batch) < self._full_at and not self._was_full:
             self._wait(max(0.0, self._linger_s - (time.monotonic() - started)))
             batch.extend(self._fill(Batch(), self._batch_size - len(batch)))
-        self._was_full = len(batch) >= self._batch_size
+        self._was_full = len(batch) >= self._full_at
         self._partial_at = None if self._was_full else time.monotonic()
         return batch
 
     def _fill(self, batch: Batch, budget: int) -> Batch:
-        """Non-blocking rounds until `budget` entries, or until a round says there is no more
-        (it read every stream and none filled its COUNT): a trickle costs one read, not two."""
+        """Non-blocking rounds until `budget` entries (less 5 % of BATCH_SIZE: see _full_at), or
+        until a round says there is no more (it read every stream and none filled its COUNT):
+        a trickle costs one read, not two."""
+        slack = self._batch_size - self._full_at
         while budget > 0:
             part, more = self._round(budget)
             batch.extend(part)
             budget -= len(part)
-            if not part or not more:
+            if not part or not more or budget <= slack:
                 break
         return batch
 
@@ -343,9 +349,11 @@ class StreamReader:
         base = max(1, self._batch_size // len(self.streams))
         self._count = max(base, self._count)
         count = min(budget, self._count)  # the tail of a batch: a smaller window, same adapted COUNT
-        width = max(1, budget // count)
-        for _ in range(-(-len(self.streams) // width)):
-            window = self._next_window(width)
+        covered = 0
+        while covered < len(self.streams):  # one turn over the streams at most
+            width = max(1, budget // count)
+            window = self._next_window(min(width, len(self.streams) - covered))
+            covered += len(window)
             batch = self._read(dict.fromkeys(window, ">"), count)
             capacity = len(window) * count
             if count == self._count:
@@ -354,6 +362,10 @@ class StreamReader:
                 elif len(batch.entries) < capacity // 2:
                     self._count = max(base, self._count // 2)
             if not batch:
+                # The next window twice as wide: with 8 workers on one backlog, windows of a
+                # few streams that the others had drained cost a worker hundreds of empty
+                # reads a turn when the window stayed as narrow as the first one.
+                count = max(1, count // 2)
                 continue
             room = budget - len(batch)
             per_stream: dict[bytes, int] = defaultdict(int)

@@ -80,6 +80,82 @@ def test_one_deep_stream_among_many_small_ones_drains_in_big_batches(redis_clien
     assert all(len(b.entries) <= 1000 for b in batches)
 
 
+def counting_reads_on(client) -> list:
+    calls: list = []
+    original = client.xreadgroup
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    client.xreadgroup = counted
+    return calls
+
+
+def counting_reads(reader: redis_reader.StreamReader) -> list:
+    return counting_reads_on(reader._redis)
+
+
+def test_when_the_backlog_thins_out_a_turn_over_the_streams_takes_few_reads(redis_client, redis_url):
+    """A COUNT grown over a deep backlog means windows of two streams. Once the streams are
+    thin (other workers drained them), each empty window doubles the next one's width: with a
+    fixed width, finding the 3 entries left among 400 streams took dozens of reads."""
+    empty_but(redis_client, 400, keep={50, 150, 350})
+    reader = make_reader(redis_client, redis_url, batch_size=1000)
+    reader._count = 500  # as a deep backlog left it
+    calls = counting_reads(reader)
+    assert len(reader.read_new().entries) == 3
+    assert len(calls) <= 20, len(calls)
+
+
+def empty_but(redis_client, streams: int, keep: set[int]) -> None:
+    """`streams` streams that exist (with their group to come) but hold entries only in `keep`."""
+    fill(redis_client, streams=streams, per_stream=1)
+    for n in set(range(streams)) - keep:
+        stream = f"mqtt_stream:s{n:04d}:t"
+        redis_client.xdel(stream, *[entry_id for entry_id, _ in redis_client.xrange(stream)])
+
+
+def test_a_batch_within_five_percent_of_batch_size_is_full(redis_client, redis_url):
+    """Its last few entries would be read over windows as narrow as they are few: 5 entries
+    short of 1,000, two streams a read, 200 reads over streams that had nothing left."""
+    empty_but(redis_client, 400, keep=set(range(0, 400, 40)))
+    fill(redis_client, streams=1, per_stream=985, prefix="deep")
+    reader = make_reader(redis_client, redis_url, batch_size=1000)
+    calls = counting_reads(reader)
+    assert len(reader.read_new().entries) == 995
+    assert len(calls) <= 4, len(calls)
+
+
+def test_eight_workers_on_one_backlog(redis_client, redis_url):
+    """Eight consumers taking turns on 400 streams: the streams each finds are thin (202 reads
+    in all before windows widened after an empty one, and batches near full were topped up)."""
+    fill(redis_client, streams=400, per_stream=100)
+    calls = counting_reads_on(redis_client)
+    readers = []
+    for k in range(8):
+        settings = config.load_settings(
+            redis_url=redis_url,
+            database_url="postgresql://x@localhost/x",
+            batch_size=1000,
+            batch_linger_ms=0,
+            batch_timeout_sec=0.1,
+            consumer_name=f"w{k}",
+        )
+        readers.append(redis_reader.StreamReader(redis_client, settings))
+        readers[-1].refresh_streams()
+    read, active = 0, list(readers)
+    while active:
+        for reader in list(active):
+            batch = reader.read_new()
+            if not batch:
+                active.remove(reader)
+            read += len(batch.entries)
+            reader.ack(batch.keys())
+    assert read == 400 * 100
+    assert len(calls) <= 150, len(calls)
+
+
 def test_a_trickle_costs_one_read_per_batch(redis_client, redis_url):
     fill(redis_client, streams=400, per_stream=1)
     reader = make_reader(redis_client, redis_url, batch_size=1000)
