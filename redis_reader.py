@@ -339,18 +339,19 @@ class StreamReader:
         return batch
 
     def _round(self, budget: int) -> tuple[Batch, bool]:
-        """One window of streams read with COUNT c, in turn until one has entries. c adapts
-        to the backlog: it doubles while windows come back full and halves when they come
-        back less than half full, so over a deep backlog a batch touches few streams (fewer
-        XACKs and registry rows). A stream that filled its COUNT is topped up at once.
-        -> (entries, whether more may be waiting)."""
+        """One window of streams read with COUNT c, in turn until one has entries (one turn
+        over the streams at most). c adapts to the backlog: it doubles while windows come back
+        full and halves when they come back less than half full, so over a deep backlog a
+        batch touches few streams (fewer XACKs and registry rows); within the turn, an empty
+        window makes the next one twice as wide. A stream that filled its COUNT is topped up
+        at once. -> (entries, whether more may be waiting)."""
         if not self.streams:  # all gone (a Redis restarted empty): nothing to read until a re-scan
             return Batch(), False
         base = max(1, self._batch_size // len(self.streams))
         self._count = max(base, self._count)
         count = min(budget, self._count)  # the tail of a batch: a smaller window, same adapted COUNT
         covered = 0
-        while covered < len(self.streams):  # one turn over the streams at most
+        while covered < len(self.streams):
             width = max(1, budget // count)
             window = self._next_window(min(width, len(self.streams) - covered))
             covered += len(window)
@@ -362,9 +363,8 @@ class StreamReader:
                 elif len(batch.entries) < capacity // 2:
                     self._count = max(base, self._count // 2)
             if not batch:
-                # The next window twice as wide: with 8 workers on one backlog, windows of a
-                # few streams that the others had drained cost a worker hundreds of empty
-                # reads a turn when the window stayed as narrow as the first one.
+                # With 8 workers on one backlog, windows as narrow as the first one over streams
+                # the others had drained cost a worker hundreds of empty reads a turn.
                 count = max(1, count // 2)
                 continue
             room = budget - len(batch)
