@@ -324,8 +324,12 @@ def test_cut_fails_the_next_command_and_a_new_connection_works(
     conn = psycopg.connect(pg_proxy.url_for(pg_admin_url), autocommit=True)
     try:
         assert client.ping() and conn.execute("SELECT 1").fetchone() == (1,)
+        # The handshake and PING already passed the proxy: wait for BLPOP's own bytes, or the
+        # cut can land first, redis-py reconnects and its default 5 s socket timeout fires.
+        sent = redis_proxy.bytes_to_server
         blocked = Background(lambda: client.blpop(["nothing"], timeout=30))  # like XREADGROUP BLOCK
-        assert wait_until(lambda: redis_proxy.bytes_to_server > 30, 10)
+        blpop = b"*3\r\n$5\r\nBLPOP\r\n$7\r\nnothing\r\n$2\r\n30\r\n"
+        assert wait_until(lambda: redis_proxy.bytes_to_server >= sent + len(blpop), 10)
         redis_proxy.cut()
         pg_proxy.cut()
         assert redis_proxy.live == 0 and pg_proxy.live == 0
