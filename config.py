@@ -13,30 +13,20 @@ environment; overrides passed by a caller (tests). Names are case-insensitive.
 
 from __future__ import annotations
 
-import difflib
+import dataclasses
 import os
 import re
+import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 from urllib.parse import quote, urlsplit
-
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
 
 import schema
 from errors import ConfigError
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
-_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
 _SECRET_FIELDS = {"redis_password", "redis_url", "database_url", "db_password", "redis_sentinel_password"}
 
 
@@ -71,13 +61,55 @@ _OVERRIDES = {
 }
 
 
-class Settings(BaseModel):
+class Secret:
+    """A setting that never shows in repr, str or a log line; `get_secret_value()` reads it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get_secret_value(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    def __str__(self) -> str:
+        return "**********" if self._value else ""
+
+    def __len__(self) -> int:
+        return len(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def _setting(
+    default: Any,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    min_length: int | None = None,
+    max_length: int | None = None,
+) -> Any:
+    """A field with bounds, checked by `_validated` after the value has its type."""
+    bounds = {"ge": ge, "gt": gt, "le": le, "min_length": min_length, "max_length": max_length}
+    return field(default=default, metadata={k: v for k, v in bounds.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class Settings:
     """Every setting, with the original README's names and defaults.
 
     Field `batch_size` is read from BATCH_SIZE, and so on (names are case-insensitive).
+    Build it with `load_settings()`: the constructor itself checks nothing. A plain
+    dataclass, not pydantic: importing pydantic cost an operator command 0.1-0.2 s here.
     """
-
-    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
 
     # Redis: REDIS_URL (redis:// or rediss:// for TLS) wins over the parts. REDIS_MODE picks
     # the topology: one server, a cluster (REDIS_URL names a startup node) or a primary
@@ -85,54 +117,54 @@ class Settings(BaseModel):
     redis_mode: Literal["standalone", "cluster", "sentinel"] = "standalone"
     redis_sentinels: str | None = None
     redis_sentinel_master: str | None = None
-    redis_sentinel_password: SecretStr | None = None
-    redis_url: SecretStr | None = None
+    redis_sentinel_password: Secret | None = None
+    redis_url: Secret | None = None
     redis_host: str = "localhost"
-    redis_port: int = Field(6379, ge=1, le=65535)
-    redis_db: int = Field(0, ge=0)
-    redis_password: SecretStr | None = None
-    redis_socket_timeout_sec: float = Field(10.0, gt=0)  # a command unanswered this long: the connection is dead
+    redis_port: int = _setting(6379, ge=1, le=65535)
+    redis_db: int = _setting(0, ge=0)
+    redis_password: Secret | None = None
+    redis_socket_timeout_sec: float = _setting(10.0, gt=0)  # a command unanswered this long: the connection is dead
 
     # PostgreSQL: DATABASE_URL wins over the DB_* parts.
-    database_url: SecretStr | None = None
+    database_url: Secret | None = None
     db_host: str = "localhost"
-    db_port: int = Field(5432, ge=1, le=65535)
+    db_port: int = _setting(5432, ge=1, le=65535)
     db_name: str | None = None
     db_user: str = "postgres"
-    db_password: SecretStr | None = None
-    db_pool_min_size: int = Field(1, ge=1)
-    db_pool_max_size: int = Field(4, ge=1, le=100)
-    db_connect_timeout_s: float = Field(5.0, gt=0)
+    db_password: Secret | None = None
+    db_pool_min_size: int = _setting(1, ge=1)
+    db_pool_max_size: int = _setting(4, ge=1, le=100)
+    db_connect_timeout_s: float = _setting(5.0, gt=0)
     # Every database call is bounded: a half-open connection (packets dropped, nothing
     # closed) is detected by TCP keepalives while waiting for an answer and by
     # tcp_user_timeout while data is unacknowledged; the server cancels a statement
     # that runs too long, and a lock wait, and a transaction left idle by a frozen worker.
-    db_statement_timeout_sec: float = Field(60.0, ge=0)
-    db_lock_timeout_sec: float = Field(1.0, ge=0)
-    db_idle_in_transaction_timeout_sec: float = Field(10.0, ge=0)
-    db_tcp_user_timeout_sec: float = Field(10.0, ge=0)
-    db_keepalives_idle_sec: int = Field(5, ge=1)
-    db_keepalives_interval_sec: int = Field(2, ge=1)
-    db_keepalives_count: int = Field(3, ge=1)
+    db_statement_timeout_sec: float = _setting(60.0, ge=0)
+    db_lock_timeout_sec: float = _setting(1.0, ge=0)
+    db_idle_in_transaction_timeout_sec: float = _setting(10.0, ge=0)
+    db_tcp_user_timeout_sec: float = _setting(10.0, ge=0)
+    db_keepalives_idle_sec: int = _setting(5, ge=1)
+    db_keepalives_interval_sec: int = _setting(2, ge=1)
+    db_keepalives_count: int = _setting(3, ge=1)
 
     # Consumers
-    consumer_group_name: str = Field("db_writer", min_length=1)
-    consumer_name: str = Field("worker-01", min_length=1, max_length=200)
-    batch_size: int = Field(1000, ge=1, le=100_000)
-    batch_timeout_sec: float = Field(5.0, gt=0, le=300)
-    batch_linger_ms: float = Field(100.0, ge=0, le=60_000)
-    processing_interval_sec: float = Field(0.0, ge=0, le=60)
-    max_retries: int = Field(5, ge=1, le=1000)
-    claim_idle_ms: int = Field(60_000, ge=1000)
-    stream_rescan_sec: float = Field(10.0, gt=0)
-    consumer_lock_ttl_sec: float = Field(10.0, ge=2)
+    consumer_group_name: str = _setting("db_writer", min_length=1)
+    consumer_name: str = _setting("worker-01", min_length=1, max_length=200)
+    batch_size: int = _setting(1000, ge=1, le=100_000)
+    batch_timeout_sec: float = _setting(5.0, gt=0, le=300)
+    batch_linger_ms: float = _setting(100.0, ge=0, le=60_000)
+    processing_interval_sec: float = _setting(0.0, ge=0, le=60)
+    max_retries: int = _setting(5, ge=1, le=1000)
+    claim_idle_ms: int = _setting(60_000, ge=1000)
+    stream_rescan_sec: float = _setting(10.0, gt=0)
+    consumer_lock_ttl_sec: float = _setting(10.0, ge=2)
 
     # Streams, and where a reading's identity comes from (see schema.Layout)
     device_id_field: str | None = None
     sensor_type_field: str | None = None
-    stream_pattern: str = Field("mqtt_stream:*", min_length=1)
-    dead_letter_stream: str = Field("mqtt_stream:failed", min_length=1)
-    dead_letter_maxlen: int = Field(100_000, ge=100)
+    stream_pattern: str = _setting("mqtt_stream:*", min_length=1)
+    dead_letter_stream: str = _setting("mqtt_stream:failed", min_length=1)
+    dead_letter_maxlen: int = _setting(100_000, ge=100)
     dead_letter_retention: str | None = "90 days"
 
     # The ledger (db_writer_progress, db_writer_streams) and the sensor registry
@@ -148,120 +180,16 @@ class Settings(BaseModel):
     # Running
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "console"] = "json"
-    shutdown_timeout_sec: float = Field(30.0, gt=0)
-    max_outage_sec: float = Field(900.0, ge=0)
-    metrics_port: int | None = Field(None, ge=1, le=65535)
+    shutdown_timeout_sec: float = _setting(30.0, gt=0)
+    max_outage_sec: float = _setting(900.0, ge=0)
+    metrics_port: int | None = _setting(None, ge=1, le=65535)
     metrics_host: str = "0.0.0.0"  # all interfaces; 127.0.0.1 to keep the endpoint on the machine
-    gap_factor: float = Field(3.0, gt=1)  # a gap: no reading for this many times a sensor's usual interval
+    gap_factor: float = _setting(3.0, gt=1)  # a gap: no reading for this many times a sensor's usual interval
 
-    @field_validator("log_level", mode="before")
     @classmethod
-    def _upper(cls, value: object) -> object:
-        return value.upper() if isinstance(value, str) and value.upper() in _LEVELS else value
-
-    @field_validator("log_format", mode="before")
-    @classmethod
-    def _lower(cls, value: object) -> object:
-        return value.lower() if isinstance(value, str) else value
-
-    @field_validator("table_name")
-    @classmethod
-    def _plain_identifier(cls, value: str) -> str:
-        if not _IDENTIFIER.fullmatch(value):
-            raise ValueError("must be a plain SQL identifier (letters, digits, _; at most 63 characters)")
-        return value
-
-    @field_validator(
-        "timescale_chunk_interval",
-        "timescale_compress_after",
-        "timescale_retention",
-        "ledger_retention",
-        "dead_letter_retention",
-    )
-    @classmethod
-    def _interval(cls, value: str | None) -> str | None:
-        if value is None or not value.strip():
-            return None
-        if not re.fullmatch(r"\d+\s*(second|minute|hour|day|week|month|year)s?", value.strip()):
-            raise ValueError("must look like '1 day', '6 hours' or '2 weeks'")
-        return value.strip()
-
-    @field_validator("redis_mode", mode="before")
-    @classmethod
-    def _mode_lower(cls, value: object) -> object:
-        return value.lower() if isinstance(value, str) else value
-
-    @field_validator("redis_sentinels")
-    @classmethod
-    def _sentinel_addresses(cls, value: str | None) -> str | None:
-        if value is None or not value.strip():
-            return None
-        for address in value.split(","):
-            host, _, port = address.strip().rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"must be host:port[,host:port...] (bad address {address.strip()!r})")
-        return value
-
-    @field_validator("device_id_field", "sensor_type_field")
-    @classmethod
-    def _identity_field(cls, value: str | None) -> str | None:
-        if value is None or not value.strip():
-            return None
-        if value in {"value", "timestamp", "metadata"}:
-            raise ValueError(f"{value!r} is a reading's own field; name the field that carries the identity")
-        return value
-
-    @field_validator("sensor_type_field")
-    @classmethod
-    def _both_identity_fields(cls, value: str | None, info: ValidationInfo) -> str | None:
-        device = info.data.get("device_id_field")
-        if (device is None) != (value is None):
-            raise ValueError("DEVICE_ID_FIELD and SENSOR_TYPE_FIELD are set together, or neither is")
-        if value is not None and value == device:
-            raise ValueError("must differ from DEVICE_ID_FIELD")
-        return value
-
-    @field_validator("stream_pattern")
-    @classmethod
-    def _splittable(cls, value: str, info: ValidationInfo) -> str:
-        if info.data.get("device_id_field") is None and "sensor_type_field" in info.data:
-            schema.stream_prefix(value)  # the identity is in the stream name: the pattern must say where
-        return value
-
-    @field_validator("redis_url")
-    @classmethod
-    def _redis_scheme(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and urlsplit(value.get_secret_value()).scheme not in {"redis", "rediss", "unix"}:
-            raise ValueError("must be a redis://, rediss:// or unix:// URL")
-        return value
-
-    @field_validator("database_url")
-    @classmethod
-    def _postgres_scheme(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is None:
-            return value
-        parts = urlsplit(value.get_secret_value())
-        if parts.scheme not in {"postgresql", "postgres", "postgresql+psycopg"}:
-            raise ValueError("must be a postgresql:// URL")
-        if not parts.path.strip("/") and "dbname=" not in parts.query:
-            raise ValueError("must name a database (postgresql://user@host:5432/DBNAME)")
-        return value
-
-    @model_validator(mode="after")
-    def _topology(self) -> Settings:
-        if self.redis_mode == "sentinel" and not (self.redis_sentinels and self.redis_sentinel_master):
-            raise ValueError("REDIS_MODE=sentinel needs REDIS_SENTINELS (host:port,...) and REDIS_SENTINEL_MASTER")
-        if self.redis_mode == "cluster" and self.redis_db:
-            raise ValueError("REDIS_MODE=cluster: a Redis Cluster has database 0 only (REDIS_DB)")
-        return self
-
-    @model_validator(mode="after")
-    def _database_named(self) -> Settings:
-        if self.database_url is None and not self.db_name:
-            raise ValueError("DATABASE_URL (or DB_NAME with DB_HOST/DB_PORT/DB_USER/DB_PASSWORD) must be set")
-        if self.db_pool_min_size > self.db_pool_max_size:
-            raise ValueError("DB_POOL_MIN_SIZE must not exceed DB_POOL_MAX_SIZE")
-        return self
+    def names(cls) -> list[str]:
+        """Every setting's field name, in declaration order."""
+        return [f.name for f in dataclasses.fields(cls)]
 
     # Derived values: the rest of the code asks these, never the raw parts.
 
@@ -317,6 +245,222 @@ class Settings(BaseModel):
         return {name: value for name, value in kwargs.items() if name not in given}
 
 
+# -- validation ------------------------------------------------------------------------------
+# Each value is first given its field's type (from text, as .env and the environment hold
+# it), then its bounds and its field's checks below run, in field order: a check sees the
+# fields before it that were valid. The whole-settings checks run once every field is valid.
+
+_CHECKS: dict[str, list[Callable[[Any, dict[str, Any]], Any]]] = {}
+# Choices are case-insensitive: the text is folded before it is matched.
+_FOLD: dict[str, Callable[[str], str]] = {"log_level": str.upper, "log_format": str.lower, "redis_mode": str.lower}
+
+
+def _check(*names: str) -> Callable[[Callable[[Any, dict[str, Any]], Any]], Callable[[Any, dict[str, Any]], Any]]:
+    def register(fn: Callable[[Any, dict[str, Any]], Any]) -> Callable[[Any, dict[str, Any]], Any]:
+        for name in names:
+            _CHECKS.setdefault(name, []).append(fn)
+        return fn
+
+    return register
+
+
+@_check("table_name")
+def _plain_identifier(value: str, _: dict[str, Any]) -> str:
+    if not _IDENTIFIER.fullmatch(value):
+        raise ValueError("must be a plain SQL identifier (letters, digits, _; at most 63 characters)")
+    return value
+
+
+@_check(
+    "timescale_chunk_interval",
+    "timescale_compress_after",
+    "timescale_retention",
+    "ledger_retention",
+    "dead_letter_retention",
+)
+def _interval(value: str | None, _: dict[str, Any]) -> str | None:
+    if value is None or not value.strip():
+        return None
+    if not re.fullmatch(r"\d+\s*(second|minute|hour|day|week|month|year)s?", value.strip()):
+        raise ValueError("must look like '1 day', '6 hours' or '2 weeks'")
+    return value.strip()
+
+
+@_check("redis_sentinels")
+def _sentinel_addresses(value: str | None, _: dict[str, Any]) -> str | None:
+    if value is None or not value.strip():
+        return None
+    for address in value.split(","):
+        host, _sep, port = address.strip().rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"must be host:port[,host:port...] (bad address {address.strip()!r})")
+    return value
+
+
+@_check("device_id_field", "sensor_type_field")
+def _identity_field(value: str | None, _: dict[str, Any]) -> str | None:
+    if value is None or not value.strip():
+        return None
+    if value in {"value", "timestamp", "metadata"}:
+        raise ValueError(f"{value!r} is a reading's own field; name the field that carries the identity")
+    return value
+
+
+@_check("sensor_type_field")
+def _both_identity_fields(value: str | None, data: dict[str, Any]) -> str | None:
+    device = data.get("device_id_field")
+    if (device is None) != (value is None):
+        raise ValueError("DEVICE_ID_FIELD and SENSOR_TYPE_FIELD are set together, or neither is")
+    if value is not None and value == device:
+        raise ValueError("must differ from DEVICE_ID_FIELD")
+    return value
+
+
+@_check("stream_pattern")
+def _splittable(value: str, data: dict[str, Any]) -> str:
+    if data.get("device_id_field") is None and "sensor_type_field" in data:
+        schema.stream_prefix(value)  # the identity is in the stream name: the pattern must say where
+    return value
+
+
+@_check("redis_url")
+def _redis_scheme(value: Secret | None, _: dict[str, Any]) -> Secret | None:
+    if value is not None and urlsplit(value.get_secret_value()).scheme not in {"redis", "rediss", "unix"}:
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return value
+
+
+@_check("database_url")
+def _postgres_scheme(value: Secret | None, _: dict[str, Any]) -> Secret | None:
+    if value is None:
+        return value
+    parts = urlsplit(value.get_secret_value())
+    if parts.scheme not in {"postgresql", "postgres", "postgresql+psycopg"}:
+        raise ValueError("must be a postgresql:// URL")
+    if not parts.path.strip("/") and "dbname=" not in parts.query:
+        raise ValueError("must name a database (postgresql://user@host:5432/DBNAME)")
+    return value
+
+
+def _whole(s: Settings) -> None:
+    """Checks across settings, once each field is valid on its own."""
+    if s.redis_mode == "sentinel" and not (s.redis_sentinels and s.redis_sentinel_master):
+        raise ValueError("REDIS_MODE=sentinel needs REDIS_SENTINELS (host:port,...) and REDIS_SENTINEL_MASTER")
+    if s.redis_mode == "cluster" and s.redis_db:
+        raise ValueError("REDIS_MODE=cluster: a Redis Cluster has database 0 only (REDIS_DB)")
+    if s.database_url is None and not s.db_name:
+        raise ValueError("DATABASE_URL (or DB_NAME with DB_HOST/DB_PORT/DB_USER/DB_PASSWORD) must be set")
+    if s.db_pool_min_size > s.db_pool_max_size:
+        raise ValueError("DB_POOL_MIN_SIZE must not exceed DB_POOL_MAX_SIZE")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One bad setting: which (None for a check across settings), why, and the value given."""
+
+    name: str | None
+    message: str
+    given: Any = None
+
+
+class Invalid(Exception):
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__(problems[0].message)
+        self.problems = problems
+
+
+_TRUE = {"1", "true", "yes", "on", "t", "y"}
+_FALSE = {"0", "false", "no", "off", "f", "n"}
+
+
+def _typed(kind: Any, value: Any) -> Any:
+    """`value` (text from .env or the environment, or a typed override) as `kind`."""
+    if isinstance(kind, types.UnionType):  # X | None
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None  # an optional setting left blank is unset
+        (kind,) = [k for k in get_args(kind) if k is not type(None)]
+    if get_origin(kind) is Literal:
+        choices = get_args(kind)
+        if value not in choices:
+            quoted = [repr(c) for c in choices]
+            raise ValueError(f"Input should be {', '.join(quoted[:-1])} or {quoted[-1]}")
+        return value
+    if kind is Secret:
+        return value if isinstance(value, Secret) else Secret(_text(value))
+    if kind is str:
+        return _text(value)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).strip().lower() in _TRUE | _FALSE:
+            return str(value).strip().lower() in _TRUE
+        raise ValueError("Input should be a valid boolean (true/false, 1/0, yes/no, on/off)")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+            return int(value)
+        raise ValueError("Input should be a valid integer")
+    if kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError("Input should be a valid number") from None
+    raise TypeError(f"no conversion to {kind!r}")  # a field of a type this module does not know
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("Input should be a valid string")
+    return value
+
+
+def _bounded(value: Any, bounds: dict[str, Any]) -> None:
+    if value is None:
+        return
+    if "ge" in bounds and value < bounds["ge"]:
+        raise ValueError(f"Input should be greater than or equal to {bounds['ge']}")
+    if "gt" in bounds and value <= bounds["gt"]:
+        raise ValueError(f"Input should be greater than {bounds['gt']}")
+    if "le" in bounds and value > bounds["le"]:
+        raise ValueError(f"Input should be less than or equal to {bounds['le']}")
+    if "min_length" in bounds and len(value) < bounds["min_length"]:
+        raise ValueError(f"String should have at least {bounds['min_length']} character(s)")
+    if "max_length" in bounds and len(value) > bounds["max_length"]:
+        raise ValueError(f"String should have at most {bounds['max_length']} characters")
+
+
+def _validated(values: dict[str, Any]) -> Settings:
+    """Settings from raw values, or Invalid with every problem found."""
+    hints = get_type_hints(Settings)
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    problems = [Problem(name, "not a setting", value) for name, value in values.items() if name not in fields]
+    data: dict[str, Any] = {}
+    for name, spec in fields.items():
+        given = values.get(name, spec.default)
+        if name in _FOLD and isinstance(given, str):
+            given = _FOLD[name](given.strip())
+        try:
+            value = _typed(hints[name], given)
+            _bounded(value, dict(spec.metadata))
+            for check in _CHECKS.get(name, ()):
+                value = check(value, data)
+        except (ValueError, ConfigError) as exc:
+            problems.append(Problem(name, str(exc), given))
+            continue
+        data[name] = value
+    if problems:
+        raise Invalid(problems)
+    settings = Settings(**data)
+    try:
+        _whole(settings)
+    except ValueError as exc:
+        raise Invalid([Problem(None, str(exc))]) from None
+    return settings
+
+
 def mask_url(url: str) -> str:
     """The URL with its password replaced, for logs and messages."""
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
@@ -342,9 +486,9 @@ def load_settings(env_file: str | Path | None = None, **overrides: Any) -> Setti
     """Build the settings from the .env file and the environment; overrides (for tests) win."""
     values, _, _ = _gather(env_file_path(env_file), overrides)
     try:
-        return Settings(**values)
-    except ValidationError as exc:
-        raise ConfigError(_one_line(exc)) from None
+        return _validated(values)
+    except Invalid as exc:
+        raise ConfigError(_describe(exc.problems[0])) from None
 
 
 def inspect_settings(env_file: str | Path | None = None) -> Inspection:
@@ -354,13 +498,14 @@ def inspect_settings(env_file: str | Path | None = None) -> Inspection:
     report = Inspection(path)
     report.warnings = warnings(values, unknown)
     try:
-        report.settings = Settings(**values)
-    except ValidationError as exc:
-        report.problems = [_describe(error) for error in exc.errors(include_url=False)]
-    for name, info in Settings.model_fields.items():
-        value = getattr(report.settings, name) if report.settings else values.get(name, info.default)
+        report.settings = _validated(values)
+    except Invalid as exc:
+        report.problems = [_describe(problem) for problem in exc.problems]
+    for spec in dataclasses.fields(Settings):
+        name = spec.name
+        value = getattr(report.settings, name) if report.settings else values.get(name, spec.default)
         shown = "-" if value is None else ("***" if name in _SECRET_FIELDS and value else str(value))
-        if name in _SECRET_FIELDS and isinstance(value, SecretStr | str) and "://" in str(_plain(value)):
+        if name in _SECRET_FIELDS and isinstance(value, Secret | str) and "://" in str(_plain(value)):
             shown = mask_url(str(_plain(value)))
         report.values[name.upper()] = (shown, sources.get(name, "default"))
     return report
@@ -368,8 +513,10 @@ def inspect_settings(env_file: str | Path | None = None) -> Inspection:
 
 def warnings(values: dict[str, Any], unknown: list[str]) -> list[str]:
     """Likely mistakes that are not errors: a misspelt name, settings that cancel others."""
+    import difflib
+
     out = []
-    names = [n.upper() for n in Settings.model_fields]
+    names = [n.upper() for n in Settings.names()]
     for name in unknown:
         close = difflib.get_close_matches(name, names, n=1, cutoff=0.8)
         out.append(f"{name} is not a setting" + (f" (did you mean {close[0]}?)" if close else ""))
@@ -385,7 +532,7 @@ def warnings(values: dict[str, Any], unknown: list[str]) -> list[str]:
 
 def _gather(env_file: Path, overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
     """-> (values by field name, where each came from, unknown names in .env that look like ours)."""
-    fields = Settings.model_fields
+    fields = set(Settings.names())
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     unknown: list[str] = []
@@ -409,19 +556,15 @@ def _gather(env_file: Path, overrides: dict[str, Any]) -> tuple[dict[str, Any], 
 
 
 def _plain(value: object) -> object:
-    return value.get_secret_value() if isinstance(value, SecretStr) else value
+    return value.get_secret_value() if isinstance(value, Secret) else value
 
 
-def _describe(error: Any) -> str:
-    field_name = str(error["loc"][0]) if error["loc"] else ""
-    message = error["msg"].removeprefix("Value error, ")
-    if not field_name:
+def _describe(problem: Problem) -> str:
+    """A problem as `NAME: reason (got 'value')`, never echoing a secret."""
+    message = problem.message
+    if problem.name is None:
         return message if re.match(r"[A-Z][A-Z_]+[ =:]", message) else f"invalid configuration: {message}"
-    hidden = field_name in _SECRET_FIELDS or error.get("input") is None or repr(error.get("input")) in message
-    shown = "" if hidden else f" (got {error['input']!r})"
-    return f"{field_name.upper()}: {message}{shown}"
-
-
-def _one_line(exc: ValidationError) -> str:
-    """The first problem as `NAME: reason (got 'value')`, never echoing a secret."""
-    return _describe(exc.errors(include_url=False)[0])
+    given = problem.given
+    hidden = problem.name in _SECRET_FIELDS or isinstance(given, Secret) or given is None or repr(given) in message
+    shown = "" if hidden else f" (got {given!r})"
+    return f"{problem.name.upper()}: {message}{shown}"

@@ -75,6 +75,36 @@ def test_a_bad_value_is_one_line_naming_the_variable(overrides, message):
     assert "\n" not in str(info.value) and "pw" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({"enable_timescale": "yes", "metrics_port": " 9100 "}, (True, 9100, 1000)),
+        ({"enable_timescale": "OFF", "metrics_port": "", "batch_size": "250"}, (False, None, 250)),
+        ({"enable_timescale": 1, "metrics_port": None, "batch_size": 7}, (True, None, 7)),
+    ],
+)
+def test_text_from_env_files_gets_its_type(given, expected):
+    s = load_settings(database_url=DB, **given)
+    assert (s.enable_timescale, s.metrics_port, s.batch_size) == expected
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"batch_size": "1.5"}, "BATCH_SIZE: Input should be a valid integer (got '1.5')"),
+        ({"enable_timescale": "maybe"}, "ENABLE_TIMESCALE: Input should be a valid boolean"),
+        ({"batch_timeout_sec": "soon"}, "BATCH_TIMEOUT_SEC: Input should be a valid number"),
+        ({"consumer_name": "x" * 201}, "CONSUMER_NAME: String should have at most 200 characters"),
+        ({"batch_sizee": 5}, "BATCH_SIZEE: not a setting"),
+        ({"redis_mode": "Cluster", "redis_db": 2}, "REDIS_MODE=cluster: a Redis Cluster has database 0 only"),
+    ],
+)
+def test_a_value_of_the_wrong_kind_is_named(given, message):
+    with pytest.raises(ConfigError) as info:
+        load_settings(database_url=DB, **given)
+    assert str(info.value).startswith(message)
+
+
 def test_secrets_never_show():
     s = load_settings(database_url="postgresql://u:topsecret@h/db", redis_password="alsosecret")
     assert "topsecret" not in repr(s) and "alsosecret" not in repr(s)
@@ -105,7 +135,7 @@ def test_env_example_lists_every_setting_with_its_default():
     named = {line.lstrip("# ").split("=", 1)[0] for line in example.read_text().splitlines() if "=" in line}
     from config import Settings
 
-    assert {name.upper() for name in Settings.model_fields} <= named
+    assert {name.upper() for name in Settings.names()} <= named
     as_shipped = load_settings(env_file=example)
     defaults = load_settings(database_url=as_shipped.database_url.get_secret_value())
     assert as_shipped == defaults  # every line that is not commented out shows the default

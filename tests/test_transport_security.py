@@ -8,7 +8,9 @@ password never shows: not in health_check(), repr(settings), logs or exceptions.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import json
 import os
 import secrets
 import shutil
@@ -298,7 +300,9 @@ def test_pipeline_runs_against_a_password_protected_redis(how, auth_redis, migra
         assert service.stats.messages_written == len(expected)
         assert pending(client) == 0
         assert client.xinfo_groups(STREAM)[0]["last-delivered-id"] == client.xinfo_stream(STREAM)["last-generated-id"]
-    assert_no_secret(repr(settings), str(settings), settings.model_dump_json(), service.health_check())
+    assert_no_secret(
+        repr(settings), str(settings), json.dumps(dataclasses.asdict(settings), default=str), service.health_check()
+    )
 
 
 def test_a_wrong_redis_password_is_reported_without_being_shown(auth_redis, migrated_database_url, capsys):
@@ -326,7 +330,7 @@ def test_a_wrong_redis_password_is_reported_without_being_shown(auth_redis, migr
         health,
         repr(settings),
         str(settings),
-        settings.model_dump_json(),
+        json.dumps(dataclasses.asdict(settings), default=str),
         repr(raised.value),
         whole_chain,
         service.stop_reason,
