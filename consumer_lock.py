@@ -24,12 +24,9 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-import structlog
 
 from errors import StartupError
 from redis_client import translated
-
-log = structlog.get_logger("consumer_lock")
 
 _REFRESH = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -103,6 +100,11 @@ class ConsumerLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost = threading.Event()  # set when another process holds our name
+        # structlog loads here, not at import: `health` and `status` read records with
+        # workers() and worker() and start faster without it.
+        import structlog
+
+        self._log = structlog.get_logger("consumer_lock")
 
     def acquire(self) -> None:
         """Take the name, waiting out a crashed holder's TTL; Redis errors are translated."""
@@ -118,7 +120,7 @@ class ConsumerLock:
                 break
             holder = _text(self._redis.get(self.key))
             if _is_dead_local_process(holder):
-                log.info("taking over the name of a crashed worker", consumer=self._consumer, previous=holder)
+                self._log.info("taking over the name of a crashed worker", consumer=self._consumer, previous=holder)
                 self._redis.set(self.key, self._token, px=self._ttl_ms)
                 break
             if time.monotonic() > deadline:
@@ -149,7 +151,7 @@ class ConsumerLock:
             except redis.RedisError:
                 held = True  # Redis down: the main loop sees it too; keep trying
             if not held:
-                log.error("another process took this consumer name", consumer=self._consumer)
+                self._log.error("another process took this consumer name", consumer=self._consumer)
                 self.lost.set()
                 return
             if self._stop.wait(interval):

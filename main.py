@@ -31,16 +31,28 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"db-writer: {message} (see {self.prog} --help)\n")
 
 
+class _Version(argparse.Action):
+    """--version, read only when asked: importlib.metadata costs every command 30 ms here."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from version import version
+
+        print(f"db-writer {version()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     import cli
-    from version import version
 
     parser = _Parser(
         prog="main.py",
         description="db-writer: Redis Streams -> PostgreSQL/TimescaleDB. "
         "Settings come from the environment and the .env file (see `main.py config`).",
     )
-    parser.add_argument("--version", action="version", version=f"db-writer {version()}")
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     parser.add_argument(
         "--env-file", metavar="PATH", help="read settings from this file instead of ./.env (or $DB_WRITER_ENV_FILE)"
     )

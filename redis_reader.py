@@ -25,13 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-import structlog
 
 import dead_letters
 from config import Settings
 from redis_client import BLOCK_SLICE_MS, hash_tag, is_cluster, translated
 
-log = structlog.get_logger("redis_reader")
 CLUSTER_POLL_S = 0.4  # a cluster cannot block on keys of several slots: an idle worker polls this often
 
 Entry = tuple[bytes, bytes, dict]  # (stream, entry id, fields)
@@ -223,6 +221,9 @@ class StreamReader:
     ) -> None:
         """`group_start(streams)` says where a group created anew should start (the ledger's
         checked-through id, else the beginning); `wait(seconds)` is a stoppable sleep."""
+        import structlog  # here, not at import: `status` and `trace` use the functions above
+
+        self._log = structlog.get_logger("redis_reader")
         self._redis = client
         self._group = settings.consumer_group_name
         self._consumer = settings.consumer_name
@@ -285,7 +286,7 @@ class StreamReader:
             if isinstance(result, redis.ResponseError) and "BUSYGROUP" not in str(result):
                 raise result
             if result is True and stream in starts:
-                log.warning(
+                self._log.warning(
                     "consumer group created where the ledger says the stream was written up to",
                     stream=as_text(stream),
                     start=starts[stream],
@@ -467,7 +468,7 @@ class StreamReader:
                 # stream was deleted during the blocking read.
                 if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
                     raise
-                log.warning("stream or consumer group gone; discovering again", error=str(exc))
+                self._log.warning("stream or consumer group gone; discovering again", error=str(exc))
                 self.streams = []
                 self.refresh_streams()
                 return Batch()

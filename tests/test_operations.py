@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -238,21 +239,29 @@ def _at(text: str | None) -> datetime | None:
 
 def test_the_operator_commands_start_quickly(redis_url, migrated_database_url):
     """Reported, not asserted tightly (a shared machine): what `health`, `status` and `trace`
-    take from start to exit, and what importing their modules costs."""
+    take from start to exit (median and best of 7), and that they load nothing heavy they do
+    not use."""
     timings = {}
     for argv in (("health",), ("status",), ("trace", "mqtt_stream:a:t", "1-0")):
-        best = []
-        for _ in range(3):
+        runs = []
+        for _ in range(7):
             started = time.perf_counter()
             run_main(redis_url, migrated_database_url, *argv)
-            best.append(time.perf_counter() - started)
-        timings[argv[0]] = min(best)
-    imports = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "import main, cli"], cwd=ROOT, capture_output=True, text=True
-    ).stderr
-    assert "alembic" not in imports and "sqlalchemy" not in imports and "prometheus_client" not in imports
+            runs.append(time.perf_counter() - started)
+        timings[argv[0]] = (statistics.median(runs), min(runs))
+    floor = []  # the machine's own limit, same run: a command needs both libraries
+    for _ in range(7):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import psycopg, redis"], check=True)
+        floor.append(time.perf_counter() - started)
+    timings["import psycopg, redis"] = (statistics.median(floor), min(floor))
+    for argv in (("health",), ("status",), ("trace", "mqtt_stream:a:t", "1-0")):
+        report = run_main(redis_url, migrated_database_url, *argv, PYTHONPROFILEIMPORTTIME="1").stderr
+        loaded = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in report.splitlines() if "|" in line}
+        assert {"psycopg", "redis"} <= loaded  # what it needs (and the report is there)
+        assert not loaded & {"alembic", "sqlalchemy", "prometheus_client", "structlog", "pydantic"}, argv
     print(
-        "operator commands, best of 3, process start to exit: "
-        + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in timings.items())
+        "operator commands, process start to exit, median (best) of 7: "
+        + ", ".join(f"{k} {median * 1000:.0f} ms ({best * 1000:.0f})" for k, (median, best) in timings.items())
     )
-    assert all(v < 5 for v in timings.values())
+    assert all(median < 5 for median, _ in timings.values())
