@@ -26,6 +26,7 @@ COPY pyproject.toml uv.lock README.md LICENSE alembic.ini ./
 COPY alembic/ alembic/
 COPY *.py ./
 RUN --mount=type=cache,target=/root/.cache/uv uv sync --frozen --no-dev \
+    && .venv/bin/python -m compileall -q ./*.py \
     && groupadd --system --gid 10001 dbwriter \
     && useradd --system --uid 10001 --gid dbwriter --no-create-home --shell /usr/sbin/nologin dbwriter
 

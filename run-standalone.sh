@@ -63,12 +63,15 @@ fi
 export PATH="$(dirname "$UV"):$PATH" # migrate.sh calls uv too
 
 # An up-to-date venv needs no network (first try); otherwise download what is missing.
-if ! "$UV" sync --offline --quiet 2>/dev/null; then
+# Compiled to bytecode at install: where PYTHONDONTWRITEBYTECODE is set (this machine, many
+# containers), Python would otherwise compile every library again at each command's start.
+if ! "$UV" sync --offline --quiet --compile-bytecode 2>/dev/null; then
     say "installing dependencies (uv sync) ..."
-    "$UV" sync
+    "$UV" sync --compile-bytecode
 fi
+VENV="${UV_PROJECT_ENVIRONMENT:-$ROOT/.venv}"
+"$VENV/bin/python" -m compileall -q "$ROOT"/*.py >/dev/null || true # the project's own modules too
 
 # The venv's Python directly, not `uv run`: a Ctrl-C then reaches standalone.py once (uv run
 # would forward a second SIGINT), and SIGTERM to this script's PID reaches it too (exec).
-VENV="${UV_PROJECT_ENVIRONMENT:-$ROOT/.venv}"
 exec "$VENV/bin/python" "$ROOT/standalone.py" "$@"
