@@ -81,6 +81,7 @@ def test_a_bad_value_is_one_line_naming_the_variable(overrides, message):
         ({"enable_timescale": "yes", "metrics_port": " 9100 "}, (True, 9100, 1000)),
         ({"enable_timescale": "OFF", "metrics_port": "", "batch_size": "250"}, (False, None, 250)),
         ({"enable_timescale": 1, "metrics_port": None, "batch_size": 7}, (True, None, 7)),
+        ({"enable_timescale": False, "metrics_port": 9100.0, "batch_size": 250.0}, (False, 9100, 250)),
     ],
 )
 def test_text_from_env_files_gets_its_type(given, expected):
