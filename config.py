@@ -567,6 +567,6 @@ def _describe(problem: Problem) -> str:
     if problem.name is None:
         return message if re.match(r"[A-Z][A-Z_]+[ =:]", message) else f"invalid configuration: {message}"
     given = problem.given
-    hidden = problem.name in _SECRET_FIELDS or isinstance(given, Secret) or given is None or repr(given) in message
+    hidden = problem.name in _SECRET_FIELDS or given is None or repr(given) in message
     shown = "" if hidden else f" (got {given!r})"
     return f"{problem.name.upper()}: {message}{shown}"

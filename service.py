@@ -271,13 +271,10 @@ class DatabaseWriterService:
         stats.batches_processed += 1
         stats.last_batch_at = time.time()
         duplicates = result.duplicate_rows
-        if rejected or duplicates:
-            handled = [
-                (stream, entry_id, DEAD if index in rejected else DUPLICATE if index in duplicates else ROW)
-                for index, (stream, entry_id, _) in enumerate(sources)
-            ]
-        else:
-            handled = [(stream, entry_id, ROW) for stream, entry_id, _ in sources]
+        handled = [
+            (stream, entry_id, DEAD if index in rejected else DUPLICATE if index in duplicates else ROW)
+            for index, (stream, entry_id, _) in enumerate(sources)
+        ]
         handled += [(letter.original_stream, letter.original_id, DEAD) for letter in letters if letter.step != "write"]
         self._require(self.ledger).note(handled)
 
