@@ -28,7 +28,7 @@ import redis
 
 import dead_letters
 from config import Settings
-from redis_client import BLOCK_SLICE_MS, hash_tag, is_cluster, translated
+from redis_client import BLOCK_SLICE_MS, call_packed, hash_tag, is_cluster, pack, translated
 
 CLUSTER_POLL_S = 0.4  # a cluster cannot block on keys of several slots: an idle worker polls this often
 
@@ -142,10 +142,6 @@ def group_status(client: redis.Redis, streams: list[bytes], group: str) -> list[
     return result
 
 
-def _unparsed(response: Any, **options: Any) -> Any:
-    return response
-
-
 def _reply_items(reply: Any) -> Iterable:
     """(stream, entries) pairs of an XREADGROUP reply: a list in RESP2, a dict in RESP3."""
     if not reply:
@@ -244,11 +240,7 @@ class StreamReader:
         self._publish = client.register_script(_PUBLISH)
         self._ack = client.register_script(_ACK)
         self._cluster = is_cluster(client)
-        if not self._cluster:
-            # The reply as hiredis parsed it; _read makes each entry's dict itself. redis-py's
-            # own parsing costs a function call per stream and per entry: at a trickle, with
-            # about one entry per stream, a fifth of what a read costs the worker.
-            client.set_response_callback("XREADGROUP", _unparsed)
+        self._packed_read: tuple[tuple, list[bytes]] = ((), [])  # the last XREADGROUP, packed (see _xreadgroup)
         # Workers of one group start their turn of windows at different streams, so they do
         # not all read (and then lock) the same streams in the same order at the same moment.
         self._offset = zlib.crc32(settings.consumer_name.encode())
@@ -462,7 +454,7 @@ class StreamReader:
                 if self._cluster:
                     replies = self._read_by_slot(starts, count)
                 else:
-                    replies = [self._redis.xreadgroup(self._group, self._consumer, starts, count=count, block=block)]
+                    replies = [call_packed(self._redis, self._xreadgroup(starts, count, block))]
             except redis.ResponseError as exc:
                 # NOGROUP: a stream was recreated, or Redis restarted empty. UNBLOCKED: a
                 # stream was deleted during the blocking read.
@@ -484,6 +476,19 @@ class StreamReader:
                     fields = dict(zip(pairs, pairs, strict=False))
                 entries.append((stream, entry_id, fields))
         return batch
+
+    def _xreadgroup(self, starts: dict, count: int, block: int | None) -> list[bytes]:
+        """XREADGROUP, packed. At a trickle the same read comes again and again (every stream,
+        '>', the same COUNT): it is packed once, not once a batch. Its reply is left as hiredis
+        parsed it and _read makes each entry's dict: redis-py's parsing of it costs a function
+        call per stream and per entry."""
+        key = (count, block, *starts, *starts.values())
+        if key != self._packed_read[0]:
+            args: list[Any] = [b"XREADGROUP", b"GROUP", self._group, self._consumer, b"COUNT", count]
+            if block is not None:
+                args += [b"BLOCK", block]
+            self._packed_read = key, pack(*args, b"STREAMS", *starts, *starts.values())
+        return self._packed_read[1]
 
     def _read_by_slot(self, starts: dict, count: int) -> list:
         """One XREADGROUP per hash slot, pipelined per primary over that node's own connection:
@@ -571,8 +576,14 @@ class StreamReader:
         with translated("acknowledge"):
             if not self._cluster:
                 streams = list(by_stream)
+                counts = [len(by_stream[s]) for s in streams]
                 ids = [entry_id for stream in streams for entry_id in by_stream[stream]]
-                self._ack(keys=streams, args=[self._group, *(len(by_stream[s]) for s in streams), *ids])
+                try:
+                    call_packed(
+                        self._redis, pack(b"EVALSHA", self._ack.sha, len(streams), *streams, self._group, *counts, *ids)
+                    )
+                except redis.exceptions.NoScriptError:  # a restarted or flushed Redis: load it again
+                    self._ack(keys=streams, args=[self._group, *counts, *ids])
                 return
             pipe = self._redis.pipeline(transaction=False)
             for stream, stream_ids in by_stream.items():

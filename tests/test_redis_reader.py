@@ -80,20 +80,18 @@ def test_one_deep_stream_among_many_small_ones_drains_in_big_batches(redis_clien
     assert all(len(b.entries) <= 1000 for b in batches)
 
 
-def counting_reads_on(client) -> list:
+def counting_reads(monkeypatch) -> list:
+    """XREADGROUP commands the readers send (packed, through redis_reader.call_packed)."""
     calls: list = []
-    original = client.xreadgroup
+    original = redis_reader.call_packed
 
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
+    def counted(client, command):
+        if command[0][:40].find(b"XREADGROUP") > 0:
+            calls.append(1)
+        return original(client, command)
 
-    client.xreadgroup = counted
+    monkeypatch.setattr(redis_reader, "call_packed", counted)
     return calls
-
-
-def counting_reads(reader: redis_reader.StreamReader) -> list:
-    return counting_reads_on(reader._redis)
 
 
 def empty_but(redis_client, streams: int, keep: set[int]) -> None:
@@ -104,34 +102,34 @@ def empty_but(redis_client, streams: int, keep: set[int]) -> None:
         redis_client.xdel(stream, *[entry_id for entry_id, _ in redis_client.xrange(stream)])
 
 
-def test_when_the_backlog_thins_out_a_turn_over_the_streams_takes_few_reads(redis_client, redis_url):
+def test_when_the_backlog_thins_out_a_turn_over_the_streams_takes_few_reads(redis_client, redis_url, monkeypatch):
     """A COUNT grown over a deep backlog means windows of two streams. Once the streams are
     thin (other workers drained them), each empty window doubles the next one's width: with a
     fixed width, finding the 3 entries left among 400 streams took 127 reads."""
     empty_but(redis_client, 400, keep={50, 150, 350})
     reader = make_reader(redis_client, redis_url, batch_size=1000)
     reader._count = 500  # as a deep backlog left it
-    calls = counting_reads(reader)
+    calls = counting_reads(monkeypatch)
     assert len(reader.read_new().entries) == 3
     assert len(calls) <= 20, len(calls)
 
 
-def test_a_batch_within_five_percent_of_batch_size_is_full(redis_client, redis_url):
+def test_a_batch_within_five_percent_of_batch_size_is_full(redis_client, redis_url, monkeypatch):
     """Its last few entries would be read over windows as narrow as they are few: 5 entries
     short of 1,000, two streams a read, 200 reads over streams that had nothing left."""
     empty_but(redis_client, 400, keep=set(range(0, 400, 40)))
     fill(redis_client, streams=1, per_stream=985, prefix="deep")
     reader = make_reader(redis_client, redis_url, batch_size=1000)
-    calls = counting_reads(reader)
+    calls = counting_reads(monkeypatch)
     assert len(reader.read_new().entries) == 995
     assert len(calls) <= 4, len(calls)
 
 
-def test_eight_workers_on_one_backlog(redis_client, redis_url):
+def test_eight_workers_on_one_backlog(redis_client, redis_url, monkeypatch):
     """Eight consumers taking turns on 400 streams: the streams each finds are thin (202 reads
     in all before windows widened after an empty one, and batches near full were topped up)."""
     fill(redis_client, streams=400, per_stream=100)
-    calls = counting_reads_on(redis_client)
+    calls = counting_reads(monkeypatch)
     readers = []
     for k in range(8):
         settings = config.load_settings(
@@ -156,15 +154,15 @@ def test_eight_workers_on_one_backlog(redis_client, redis_url):
     assert len(calls) <= 150, len(calls)
 
 
-def test_a_trickle_costs_one_read_per_batch(redis_client, redis_url):
+def test_a_trickle_costs_one_read_per_batch(redis_client, redis_url, monkeypatch):
     fill(redis_client, streams=400, per_stream=1)
     reader = make_reader(redis_client, redis_url, batch_size=1000)
-    calls = counting_reads(reader)
+    calls = counting_reads(monkeypatch)
     batch = reader.read_new()
     assert len(batch.entries) == 400 and len(calls) == 1
 
 
-def test_at_a_steady_trickle_with_the_linger_each_batch_is_one_read(redis_client, redis_url):
+def test_at_a_steady_trickle_with_the_linger_each_batch_is_one_read(redis_client, redis_url, monkeypatch):
     """Right after a batch that was not full the linger comes first, then one read: a read
     at once would find only what arrived during the write, and the read after the linger
     the rest (two reads over every stream per batch, twice the worker's read cost)."""
@@ -179,7 +177,7 @@ def test_at_a_steady_trickle_with_the_linger_each_batch_is_one_read(redis_client
     )
     reader = redis_reader.StreamReader(redis_client, settings)
     reader.refresh_streams()
-    calls = counting_reads(reader)
+    calls = counting_reads(monkeypatch)
     stop = threading.Event()
 
     def produce() -> None:  # 1,000 entries/s over the 200 streams
@@ -208,3 +206,27 @@ def test_at_a_steady_trickle_with_the_linger_each_batch_is_one_read(redis_client
         producer.join()
     assert min(sizes) > 50, sizes  # about 100 entries each: the linger still gathers them
     assert len(calls) <= 22, (len(calls), sizes)  # one read a batch (two before: 40)
+
+
+def test_reads_and_acks_survive_a_killed_connection_and_flushed_scripts(redis_url):
+    """Reads and acks go out packed on a connection of the pool (redis_client.call_packed):
+    a connection the server closed is replaced, and an ack after SCRIPT FLUSH (a restarted
+    Redis) loads its script again."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url, client_name="reader-under-test")
+    admin = redis.Redis.from_url(redis_url)
+    fill(admin, streams=3, per_stream=2)
+    reader = make_reader(client, redis_url, batch_size=2)
+    first = reader.read_new()
+    assert len(first.entries) == 2
+    for info in admin.client_list():
+        if info["name"] == "reader-under-test":
+            admin.client_kill_filter(_id=info["id"])
+    rest = reader.read_new()
+    assert len(rest.entries) == 2 and not set(rest.keys()) & set(first.keys())
+    admin.script_flush()
+    reader.ack(first.keys() + rest.keys())
+    pending = sum(admin.xpending(f"mqtt_stream:s{s:04d}:t", "db_writer")["pending"] for s in range(3))
+    assert pending == 0
+    assert len(drain(reader)) == 1  # the two entries not read yet, one batch; nothing else came back
