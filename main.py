@@ -68,7 +68,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _defer_redis_asyncio() -> None:
+    """redis-py imports its asyncio client from its package __init__: 50-60 ms of the ~250 ms
+    that `health` takes, for a client that no command and no worker uses. Its module is put
+    in place unexecuted, with its real spec and path, and runs its code when something first
+    asks it for a name (a module __getattr__, PEP 562). importlib's LazyLoader would not
+    do: the import system reads a module's __spec__ on every import of it, which loads it."""
+    import importlib.machinery
+    import importlib.util
+
+    if "redis" in sys.modules:
+        return
+    package = importlib.util.find_spec("redis")
+    if package is None or not package.submodule_search_locations:
+        return
+    spec = importlib.machinery.PathFinder.find_spec("redis.asyncio", list(package.submodule_search_locations))
+    if spec is None or spec.loader is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+    loader = spec.loader
+
+    def load(name: str) -> Any:
+        del module.__getattr__
+        loader.exec_module(module)
+        return getattr(module, name)
+
+    module.__getattr__ = load  # type: ignore[method-assign]
+    sys.modules["redis.asyncio"] = module
+
+
 def main(argv: list[str] | None = None) -> int:
+    _defer_redis_asyncio()
     args = build_parser().parse_args(argv)
     if args.command == "config":  # it reports bad settings itself: it must not stop at the first
         import cli

@@ -125,3 +125,17 @@ def test_licence():
     assert PYPROJECT["project"]["license"] == "MIT"
     text = (ROOT / "LICENSE").read_text()
     assert text.startswith("MIT License") and "the db-writer authors" in text
+
+
+def test_the_deferred_asyncio_client_of_redis_loads_when_used():
+    """main.py leaves redis-py's asyncio client unexecuted until something asks it for a
+    name: then it is the real module, and its submodules import as usual."""
+    code = (
+        "import sys, main; main._defer_redis_asyncio(); import redis, redis.asyncio;"
+        " assert 'redis.asyncio.client' not in sys.modules;"
+        " from redis.asyncio import Redis; from redis.asyncio.client import Redis as Same;"
+        " assert Redis is Same and redis.asyncio.Redis is Redis and redis.asyncio.from_url;"
+        " print('ok')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.stdout.strip() == "ok", done.stderr
