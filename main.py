@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _defer_redis_asyncio() -> None:
-    """redis-py imports its asyncio client from its package __init__: 50-60 ms of the ~250 ms
-    that `health` takes, for a client that no command and no worker uses. Its module is put
+    """redis-py imports its asyncio client from its package __init__: 30-50 ms of the 0.3-0.4 s
+    that `health` takes here, for a client that no command and no worker uses. Its module is put
     in place unexecuted, with its real spec and path, and runs its code when something first
     asks it for a name (a module __getattr__, PEP 562). importlib's LazyLoader would not
     do: the import system reads a module's __spec__ on every import of it, which loads it."""
