@@ -246,7 +246,11 @@ class StreamReader:
         self._offset = zlib.crc32(settings.consumer_name.encode())
         self.streams: list[bytes] = []
         self._cursor = 0
-        self._count = 1  # COUNT per stream of the next window, see _round
+        # COUNT per stream of the next window (see _round). It starts high: over a backlog the
+        # first windows are then a stream or two, not a climb from all streams at COUNT 1
+        # (each of 8 workers on one backlog spent its first batches on ~900 streams' acks and
+        # registry rows); over a trickle, the first turn costs ~log2(BATCH_SIZE) reads, once.
+        self._count = self._batch_size
         self._pending_after: dict[bytes, bytes] = {}
         self._was_full = False  # the last batch of read_new
         self._partial_at: float | None = None  # when the last batch, not full, was read
