@@ -578,7 +578,7 @@ def reconcile(args: argparse.Namespace, settings: Settings) -> int:
             settings.consumer_group_name,
             reader.publish_dead_letters,
         )
-        report = reconciler.run(streams, repair=args.repair)
+        report = reconciler.run(reconciler.snapshot(streams), repair=args.repair)
     finally:
         writer.close()
     if args.json:

@@ -71,7 +71,6 @@ class Report:
 @dataclass
 class Snapshot:
     streams: list[bytes]
-    names: list[str]
     checked: dict[str, tuple[str, int | None]]  # the ledger's verified prefixes
     states: list[dict | None]  # per stream, see Reconciler._states
 
@@ -112,14 +111,14 @@ class Reconciler:
         names = [dead_letters.stream_text(s) for s in streams]
         checked = self._ledger.checked(names)
         states = self._states(streams, {s for s, name in zip(streams, names, strict=True) if name in checked})
-        return Snapshot(streams, names, checked, states)
+        return Snapshot(streams, checked, states)
 
-    def run(self, streams: list[bytes] | Snapshot, repair: bool = True, expect: Server | None = None) -> Report:
+    def run(self, snapshot: Snapshot, repair: bool = True, expect: Server | None = None) -> Report:
         """Check (and with `repair`, write again) the acknowledged entries after each stream's
-        verified prefix, up to the snapshot (taken now if not given); advance the prefix over
-        what proved complete, only on `expect`."""
-        taken = streams if isinstance(streams, Snapshot) else self.snapshot(streams)
-        streams, names, checked, states = taken.streams, taken.names, taken.checked, taken.states
+        verified prefix, up to the snapshot; advance the prefix over what proved complete,
+        only on `expect`."""
+        streams, checked, states = snapshot.streams, snapshot.checked, snapshot.states
+        names = [dead_letters.stream_text(s) for s in streams]
         report = Report()
         pending: list[_Candidate] = []
         for stream, name, state in zip(streams, names, states, strict=True):

@@ -391,7 +391,9 @@ class DatabaseWriterService:
         self._last_server = self._last_server or server
         streams = snapshot.streams if snapshot else list(reader.streams)
         started = time.monotonic()
-        report = self._retry(lambda: reconciler.run(snapshot or streams, repair=True, expect=server))
+        report = self._retry(
+            lambda: reconciler.run(snapshot or reconciler.snapshot(streams), repair=True, expect=server)
+        )
         with self._reconcile_lock:
             if self._reconcile_again is None:
                 self._verified, self._reconciled = server, set(streams)

@@ -210,7 +210,7 @@ def test_a_reconciliation_checks_what_was_acknowledged_up_to_its_snapshot(
         with psycopg.connect(migrated_database_url) as conn:
             conn.execute("DELETE FROM db_writer_streams")  # the other worker advanced it
         assert reconciler.run(snapshot, repair=False).checked == 100
-        assert reconciler.run(streams, repair=False).checked == 200  # a snapshot taken now
+        assert reconciler.run(reconciler.snapshot(streams), repair=False).checked == 200  # taken now
     finally:
         writer.close()
 
