@@ -325,28 +325,34 @@ class StreamReader:
     def _fill(self, batch: Batch, budget: int) -> Batch:
         """Non-blocking rounds until `budget` entries (less 5 % of BATCH_SIZE: see _full_at), or
         until a round says there is no more (it read every stream and none filled its COUNT):
-        a trickle costs one read, not two."""
+        a trickle costs one read, not two. A round that had to narrow its COUNT to find entries
+        hands that COUNT to the next round of the batch, which would otherwise start again
+        from the adapted one and narrow again over the same empty streams."""
         slack = self._batch_size - self._full_at
+        ceiling = self._batch_size
         while budget > 0:
-            part, more = self._round(budget)
+            part, more, ceiling = self._round(budget, ceiling)
             batch.extend(part)
             budget -= len(part)
             if not part or not more or budget <= slack:
                 break
         return batch
 
-    def _round(self, budget: int) -> tuple[Batch, bool]:
+    def _round(self, budget: int, ceiling: int) -> tuple[Batch, bool, int]:
         """One window of streams read with COUNT c, in turn until one has entries (one turn
         over the streams at most). c adapts to the backlog: it doubles while windows come back
         full and halves when they come back less than half full, so over a deep backlog a
         batch touches few streams (fewer XACKs and registry rows); within the turn, an empty
-        window makes the next one twice as wide. A stream that filled its COUNT is topped up
-        at once. -> (entries, whether more may be waiting)."""
+        window makes the next one twice as wide. An empty window leaves c as it is: it says
+        that another worker drained those streams, not that the others are thin. A whole
+        turn that was empty sets c to its floor: nothing is waiting anywhere. A stream that
+        filled its COUNT is topped up at once. `ceiling`: the highest COUNT to start from.
+        -> (entries, whether more may be waiting, the COUNT they were found with)."""
         if not self.streams:  # all gone (a Redis restarted empty): nothing to read until a re-scan
-            return Batch(), False
+            return Batch(), False, 1
         base = max(1, self._batch_size // len(self.streams))
         self._count = max(base, self._count)
-        count = min(budget, self._count)  # the tail of a batch: a smaller window, same adapted COUNT
+        count = min(budget, self._count, ceiling)  # the tail of a batch: a smaller window
         covered = 0
         while covered < len(self.streams):
             width = max(1, budget // count)
@@ -357,7 +363,7 @@ class StreamReader:
             if count == self._count:
                 if len(batch.entries) >= capacity:
                     self._count = min(self._batch_size, self._count * 2)
-                elif len(batch.entries) < capacity // 2:
+                elif batch.entries and len(batch.entries) < capacity // 2:
                     self._count = max(base, self._count // 2)
             if not batch:
                 # With 8 workers on one backlog, windows as narrow as the first one over streams
@@ -371,8 +377,9 @@ class StreamReader:
             full = [stream for stream, n in per_stream.items() if n >= count][:room]
             if full and len(full) < len(window):
                 batch.extend(self._read(dict.fromkeys(full, ">"), room // len(full)))
-            return batch, bool(full) or width < len(self.streams)
-        return Batch(), False
+            return batch, bool(full) or width < len(self.streams), count
+        self._count = base
+        return Batch(), False, base
 
     def _block(self) -> Batch:
         """Wait for the next entry on any stream, in slices so that a stop is seen quickly. A

@@ -127,11 +127,14 @@ def test_a_batch_within_five_percent_of_batch_size_is_full(redis_client, redis_u
 
 
 def test_eight_workers_on_one_backlog(redis_client, redis_url, monkeypatch):
-    """Eight consumers taking turns on 400 streams: the streams each finds are thin (202 reads
-    in all before windows widened after an empty one, and batches near full were topped up).
-    A batch touches few streams: with COUNT starting at 1 and doubling, each worker's first
-    batches spread over hundreds of streams (7,542 streams' acks and registry rows in all,
-    against 400 for one worker), though in fewer reads (129)."""
+    """Eight consumers taking turns on 400 streams: every stream a batch touches costs an ack
+    key and a registry row, so a batch should touch few. Windows others drained come back
+    empty; if an empty window halved COUNT (as it once did), the next windows took a few
+    entries from many streams: 1,770 streams touched in 203 reads. Leaving COUNT as it is
+    there, and letting a round start the next at the COUNT it found entries with: 1,131
+    touched, in more reads: 301, of which 154 came back empty (64 of 203 before), and an
+    empty window is cheap for Redis and for the worker. COUNT starting at 1 and doubling
+    had touched 7,542."""
     fill(redis_client, streams=400, per_stream=100)
     calls = counting_reads(monkeypatch)
     readers = []
@@ -156,8 +159,8 @@ def test_eight_workers_on_one_backlog(redis_client, redis_url, monkeypatch):
             touched += len({stream for stream, _, _ in batch.entries})
             reader.ack(batch.keys())
     assert read == 400 * 100
-    assert touched <= 2000, touched  # 1,770 here
-    assert len(calls) <= 220, len(calls)  # 203 here
+    assert touched <= 1300, touched  # 1,131 here
+    assert len(calls) <= 340, len(calls)  # 301 here
 
 
 def test_a_trickle_costs_one_read_per_batch(redis_client, redis_url, monkeypatch):
