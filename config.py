@@ -27,7 +27,6 @@ import schema
 from errors import ConfigError
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
-_SECRET_FIELDS = {"redis_password", "redis_url", "database_url", "db_password", "redis_sentinel_password"}
 
 
 ENV_FILE_VARIABLE = "DB_WRITER_ENV_FILE"
@@ -250,6 +249,8 @@ class Settings:
 # it), then its bounds and its field's checks below run, in field order: a check sees the
 # fields before it that were valid. The whole-settings checks run once every field is valid.
 
+# Never shown or echoed in an error: the settings typed Secret.
+_SECRET_FIELDS = frozenset(name for name, kind in get_type_hints(Settings).items() if Secret in (kind, *get_args(kind)))
 _CHECKS: dict[str, list[Callable[[Any, dict[str, Any]], Any]]] = {}
 # Choices are case-insensitive: the text is folded before it is matched.
 _FOLD: dict[str, Callable[[str], str]] = {"log_level": str.upper, "log_format": str.lower, "redis_mode": str.lower}

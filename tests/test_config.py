@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from config import ConfigError, load_settings, mask_url
+from config import ConfigError, inspect_settings, load_settings, mask_url
 
 ROOT = Path(__file__).resolve().parents[1]
 DB = "postgresql://postgres@127.0.0.1:5432/db"
@@ -110,6 +110,28 @@ def test_secrets_never_show():
     s = load_settings(database_url="postgresql://u:topsecret@h/db", redis_password="alsosecret")
     assert "topsecret" not in repr(s) and "alsosecret" not in repr(s)
     assert mask_url("postgresql://u:topsecret@h/db") == "postgresql://u:***@h/db"
+
+
+def test_the_config_report_masks_every_secret_setting(tmp_path, monkeypatch):
+    """What `config` prints: every setting typed Secret is masked, a URL down to its password."""
+    given = {
+        "DATABASE_URL": "postgresql://u:pgpass1@h/db",
+        "REDIS_URL": "redis://:urlpass5@h:6379/0",
+        "DB_PASSWORD": "dbpass3",
+        "REDIS_PASSWORD": "rpass2",
+        "REDIS_SENTINEL_PASSWORD": "spass4",
+    }
+    for name in given:
+        monkeypatch.delenv(name, raising=False)
+    env_file = tmp_path / ".env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in given.items()))
+    report = inspect_settings(env_file)
+    assert report.problems == []
+    shown = {name: report.values[name][0] for name in given}
+    secrets = ("pgpass1", "rpass2", "dbpass3", "spass4", "urlpass5")
+    assert not [secret for secret in secrets if secret in str(report.values)]
+    assert shown["DATABASE_URL"] == "postgresql://u:***@h/db"
+    assert shown["REDIS_SENTINEL_PASSWORD"] == "***"
 
 
 def test_no_database_is_a_clear_error():
