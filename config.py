@@ -244,13 +244,15 @@ class Settings:
         return {name: value for name, value in kwargs.items() if name not in given}
 
 
+# Never shown or echoed in an error: the settings typed Secret.
+_SECRET_FIELDS = frozenset(name for name, kind in get_type_hints(Settings).items() if Secret in (kind, *get_args(kind)))
+
+
 # -- validation ------------------------------------------------------------------------------
 # Each value is first given its field's type (from text, as .env and the environment hold
 # it), then its bounds and its field's checks below run, in field order: a check sees the
 # fields before it that were valid. The whole-settings checks run once every field is valid.
 
-# Never shown or echoed in an error: the settings typed Secret.
-_SECRET_FIELDS = frozenset(name for name, kind in get_type_hints(Settings).items() if Secret in (kind, *get_args(kind)))
 _CHECKS: dict[str, list[Callable[[Any, dict[str, Any]], Any]]] = {}
 # Choices are case-insensitive: the text is folded before it is matched.
 _FOLD: dict[str, Callable[[str], str]] = {"log_level": str.upper, "log_format": str.lower, "redis_mode": str.lower}
