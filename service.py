@@ -58,6 +58,17 @@ class Stats:
 
 
 @dataclass
+class _Converted:
+    """A batch's rows, the entries they came from, and the dead letters of the entries that
+    made no row. Made in the read-ahead thread, so conversion overlaps the commit wait."""
+
+    rows: list
+    sources: list
+    letters: list
+    seconds: float
+
+
+@dataclass
 class _Deferred:
     """A batch put aside after a lock timeout (another worker holds its keys uncommitted)."""
 
@@ -106,8 +117,8 @@ class DatabaseWriterService:
         self._start()
         try:
             with ReadAhead(self._read_batch, self._stop, self._join_within) as batches:
-                for batch in batches:
-                    self._process(batch)
+                for batch, converted in batches:
+                    self._process(batch, converted)
                     self._tend(idle=not batch)
                     if self._lock and self._lock.lost.is_set():
                         self.stop("another process took this CONSUMER_NAME")
@@ -122,17 +133,19 @@ class DatabaseWriterService:
         finally:
             self._teardown()
 
-    def _read_batch(self) -> Batch:
-        """Runs in the read-ahead thread. PROCESSING_INTERVAL_SEC only ever follows an empty read."""
+    def _read_batch(self) -> tuple[Batch, _Converted | None]:
+        """Runs in the read-ahead thread, and converts what it read there: the loop thread
+        waits on PostgreSQL meanwhile. PROCESSING_INTERVAL_SEC only ever follows an empty read."""
         batch = self._retry(self._next_batch, until_stop=True)
-        if not batch:
-            pause = self.settings.processing_interval_sec
-            if self.reader and not self.reader.streams:  # no blocking read to wait in: wait for the next re-scan
-                pause = max(pause, min(self.settings.batch_timeout_sec, self._next_tick - time.monotonic()))
-            if self._deferred:
-                pause = min(pause, max(0.0, min(d.due for d in self._deferred) - time.monotonic()))
-            self._stop.wait(pause)
-        return batch
+        if batch:
+            return batch, self._transform(batch)
+        pause = self.settings.processing_interval_sec
+        if self.reader and not self.reader.streams:  # no blocking read to wait in: wait for the next re-scan
+            pause = max(pause, min(self.settings.batch_timeout_sec, self._next_tick - time.monotonic()))
+        if self._deferred:
+            pause = min(pause, max(0.0, min(d.due for d in self._deferred) - time.monotonic()))
+        self._stop.wait(pause)
+        return batch, None
 
     def _next_batch(self) -> Batch:
         """Where the next batch comes from: entries of dead consumers (checked every
@@ -161,7 +174,7 @@ class DatabaseWriterService:
             return Batch()  # let the loop retry the deferred batch now
         return self._in_flight.admit(reader.read_new())
 
-    def _process(self, batch: Batch) -> None:
+    def _process(self, batch: Batch, converted: _Converted | None = None) -> None:
         """Transform, write (rows, registry, dead letters in one transaction), publish the
         dead letters, then ack. Entries delivered more than MAX_RETRIES times are put aside
         and written alone later: one of them may be what keeps stopping workers."""
@@ -173,21 +186,24 @@ class DatabaseWriterService:
             batch = Batch(
                 [e for e in batch.entries if (e[0], e[1]) not in keep], batch.deliveries, batch.trimmed, batch.source
             )
-        if batch and not self._write(batch):
+            converted = None  # made for the entries put aside too
+        if batch and not self._write(batch, converted):
             self._defer(batch, 1.0)
 
-    def _write(self, batch: Batch, alone: bool = False) -> bool:
-        """One batch through transform -> write -> publish dead letters -> ack. False when it
-        was put aside because another worker holds its keys (a lock timeout)."""
+    def _write(self, batch: Batch, converted: _Converted | None = None, alone: bool = False) -> bool:
+        """One batch through transform (unless the read-ahead did it) -> write -> publish dead
+        letters -> ack. False when it was put aside because another worker holds its keys (a
+        lock timeout)."""
+        if converted is None:
+            converted = self._transform(batch)
         started = time.perf_counter()
-        rows, sources, letters = self._transform(batch)
+        rows, sources, letters = converted.rows, converted.sources, list(converted.letters)
 
         def reject(index: int, reason: str) -> dead_letters.DeadLetter:
             stream, entry_id, fields = sources[index]
             count = batch.deliveries.get((stream, entry_id), 1)
             return dead_letters.make(self.layout, stream, entry_id, fields, "write", reason, count)
 
-        written = time.perf_counter()
         try:
             result = self._retry(lambda: self._require(self.writer).write(rows, letters, reject, self._time_left()))
         except LockTimeout as exc:
@@ -198,18 +214,31 @@ class DatabaseWriterService:
             )
             return False
         committed = time.perf_counter()
-        letters += result.letters
+        self._healthy = True
+        self._notice_server(result.server)
+        self._finish(batch, converted, result, letters + result.letters, started, committed, alone)
+        return True
+
+    def _finish(
+        self,
+        batch: Batch,
+        converted: _Converted,
+        result: WriteResult,
+        letters: list,
+        started: float,
+        committed: float,
+        alone: bool,
+    ) -> None:
+        """After the commit: publish the dead letters, ack, count, log."""
         new_letters = self._retry(lambda: self._require(self.reader).publish_dead_letters(letters)) if letters else []
         keys = batch.keys()
         self._retry(lambda: self._require(self.reader).ack(keys))
         self._in_flight.release(keys)
         done = time.perf_counter()
-        self._healthy = True
-        self._account(batch, sources, result, letters, new_letters, rejected=set(result.rejected))
-        self._notice_server(result.server)
+        self._account(batch, converted.sources, result, letters, new_letters, rejected=set(result.rejected))
         if self.metrics is not None:
             self.metrics.observe_batch(
-                done - started,
+                converted.seconds + done - started,
                 len(batch.entries),
                 result.inserted,
                 result.duplicates,
@@ -237,14 +266,14 @@ class DatabaseWriterService:
             dead_lettered=len(letters),
             messages_acknowledged=len(keys),
             first_id=batch.entries[0][1].decode() if len(batch.entries) == 1 else None,
-            transform_ms=round((written - started) * 1000, 2),
-            write_ms=round((committed - written) * 1000, 2),
+            transform_ms=round(converted.seconds * 1000, 2),
+            write_ms=round((committed - started) * 1000, 2),
             ack_ms=round((done - committed) * 1000, 2),
         )
-        return True
 
-    def _transform(self, batch: Batch) -> tuple[list, list, list]:
+    def _transform(self, batch: Batch) -> _Converted:
         """Entries -> rows; a bad entry -> dead letter with its reason."""
+        started = time.perf_counter()
         rows, sources, letters = [], [], []
         to_row, invalid, layout, deliveries = self.layout.to_row, schema.InvalidEntry, self.layout, batch.deliveries
         for entry in batch.entries:
@@ -256,7 +285,7 @@ class DatabaseWriterService:
                 letters.append(dead_letters.make(layout, stream, entry_id, fields, exc.step, exc.reason, count))
                 continue
             sources.append(entry)
-        return rows, sources, letters
+        return _Converted(rows, sources, letters, time.perf_counter() - started)
 
     def _account(
         self, batch: Batch, sources: list, result: WriteResult, letters: list, new_letters: list, rejected: set[int]
