@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -38,7 +38,7 @@ import psycopg
 import structlog
 from psycopg import postgres, sql
 from psycopg.adapt import Dumper
-from psycopg.pq import Format
+from psycopg.pq import Format, TransactionStatus
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -145,18 +145,20 @@ class DatabaseWriter:
                 sql.SQL("t.{0} IS DISTINCT FROM s.{0}").format(sql.Identifier(c)) for c in _VALUE_COLUMNS
             ),
         )
-        # SET LOCAL: nothing outlives the transaction, so PgBouncer's transaction pooling is safe.
-        self._begin = (
-            "SELECT set_config('statement_timeout', %s, true), set_config('lock_timeout', %s, true),"
-            " set_config('idle_in_transaction_session_timeout', %s, true),"
+        # BEGIN, this worker's timeouts and which server this is, in one round trip (a simple
+        # query, so the values are literals). SET LOCAL: nothing outlives the transaction,
+        # so PgBouncer's transaction pooling is safe.
+        timeouts = [
+            settings.db_statement_timeout_sec,
+            settings.db_lock_timeout_sec,
+            settings.db_idle_in_transaction_timeout_sec,
+        ]
+        self._begin = sql.SQL(
+            "BEGIN; SELECT set_config('statement_timeout', {}, true), set_config('lock_timeout', {}, true),"
+            " set_config('idle_in_transaction_session_timeout', {}, true),"
             " (pg_control_system()).system_identifier,"
             " CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_current_wal_lsn()) END"
-        )
-        self._timeouts = [
-            f"{round(settings.db_statement_timeout_sec * 1000)}ms",
-            f"{round(settings.db_lock_timeout_sec * 1000)}ms",
-            f"{round(settings.db_idle_in_transaction_timeout_sec * 1000)}ms",
-        ]
+        ).format(*(sql.Literal(f"{round(seconds * 1000)}ms") for seconds in timeouts))
         self._pool: ConnectionPool | None = None
         self._renew_lock = threading.Lock()
         self._renewed = 0.0
@@ -192,12 +194,14 @@ class DatabaseWriter:
                 _shutdown(conn)
 
     def _new_pool(self) -> ConnectionPool:
-        """Server-side prepared statements are off, for PgBouncer."""
+        """Server-side prepared statements are off, for PgBouncer. Autocommit: transaction()
+        sends BEGIN itself, with the statement that follows it (psycopg's would be a round
+        trip of its own)."""
         pool = ConnectionPool(
             self._settings.postgres_dsn,
             min_size=self._settings.db_pool_min_size,
             max_size=self._settings.db_pool_max_size,
-            kwargs={"prepare_threshold": None, **self._settings.postgres_connect_kwargs},
+            kwargs={"prepare_threshold": None, "autocommit": True, **self._settings.postgres_connect_kwargs},
             timeout=self._settings.db_connect_timeout_s,
             open=False,
             name="db-writer",
@@ -250,12 +254,22 @@ class DatabaseWriter:
             self._translated(doing, row_errors),
             self._pool.connection(timeout=timeout_s) as conn,
             self._watched(conn),
-            conn.transaction(),
         ):
-            _, _, _, system_id, walfile = conn.execute(self._begin, self._timeouts).fetchone() or (None,) * 5
-            if walfile is None:
-                raise psycopg.errors.ReadOnlySqlTransaction("the server is a standby (in recovery)")
-            yield conn, Server(int(system_id), int(walfile[:8], 16))
+            try:
+                cur = conn.execute(self._begin)
+                cur.nextset()
+                _, _, _, system_id, walfile = cur.fetchone() or (None,) * 5
+                if walfile is None:
+                    raise psycopg.errors.ReadOnlySqlTransaction("the server is a standby (in recovery)")
+                yield conn, Server(int(system_id), int(walfile[:8], 16))
+                if conn.info.transaction_status == TransactionStatus.INERROR:  # a COMMIT would roll back, silently
+                    raise psycopg.errors.InFailedSqlTransaction("the transaction failed before its commit")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.info.transaction_status != TransactionStatus.UNKNOWN:  # (a lost one is discarded)
+                    with suppress(psycopg.Error):
+                        conn.execute("ROLLBACK")
+                raise
 
     def check_schema(self, head: str | None) -> None:
         """Refuse to start unless the schema exists and is at the migration head."""
@@ -389,7 +403,9 @@ class DatabaseWriter:
         return result
 
     def _record(self, conn: psycopg.Connection, keys: Iterable, letters: list) -> int:
-        """Registry and dead letters, pipelined into one round trip; -> dead letters new."""
+        """Registry and dead letters, pipelined into one round trip; -> dead letters new. (The
+        COMMIT stays out of the pipeline: the TimescaleDB test server would not see the
+        transaction end behind the Flush that psycopg sends after a pipeline's Sync.)"""
         with conn.cursor() as registry, conn.cursor() as letters_cur:
             with conn.pipeline():
                 self._register_sensors(registry, keys)

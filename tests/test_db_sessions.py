@@ -160,3 +160,38 @@ def test_a_transaction_stalled_behind_a_live_proxy_is_cut_and_retried(redis_url,
             _first_write(writer, within_s=5)  # a fresh connection writes
         finally:
             writer.close()
+
+
+def test_a_transaction_costs_two_round_trips_and_its_timeouts_end_with_it(redis_url, migrated_database_url, tmp_path):
+    """BEGIN goes with the statement that sets the worker's timeouts and identifies the server
+    (one round trip), then COMMIT: a worker on another machine pays each round trip once a
+    transaction. The timeouts are SET LOCAL: a session handed on (PgBouncer) keeps none."""
+    settings = settings_for(
+        redis_url,
+        migrated_database_url,
+        consumer_name="round-trips-test",
+        db_pool_min_size=1,
+        db_pool_max_size=1,
+        db_lock_timeout_sec=7,
+    )
+    writer = DatabaseWriter(settings)
+    writer.open()
+    trace = tmp_path / "trace"
+    try:
+        with trace.open("wb") as out:
+            with writer._pool.connection() as conn:  # the pool's only session
+                conn.pgconn.trace(out.fileno())
+                conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+            with writer.transaction("look") as (conn, _):
+                inside = conn.execute("SHOW lock_timeout").fetchone()[0]
+            with writer._pool.connection() as conn:
+                conn.pgconn.untrace()
+                after = conn.execute("SHOW lock_timeout").fetchone()[0]
+    finally:
+        writer.close()
+    sent = [line.split("\t")[2] for line in trace.read_text().splitlines() if line.startswith("F")]
+    waits = sum(1 for line in trace.read_text().splitlines() if "\tReadyForQuery\t" in line)
+    assert inside == "7s" and after == "0"
+    # BEGIN + settings, SHOW, COMMIT: three round trips, of which the transaction's own are two
+    assert waits == 3, trace.read_text()
+    assert sent == ["Query", "Query", "Query"], trace.read_text()
