@@ -60,7 +60,8 @@ class Stats:
 @dataclass
 class _Converted:
     """A batch's rows, the entries they came from, and the dead letters of the entries that
-    made no row. Made in the read-ahead thread, so conversion overlaps the commit wait."""
+    made no row. Made in the read-ahead thread (unless the batch changed since), so conversion
+    overlaps the loop's wait on PostgreSQL."""
 
     rows: list
     sources: list
@@ -214,8 +215,6 @@ class DatabaseWriterService:
             )
             return False
         committed = time.perf_counter()
-        self._healthy = True
-        self._notice_server(result.server)
         self._finish(batch, converted, result, letters + result.letters, started, committed, alone)
         return True
 
@@ -235,7 +234,9 @@ class DatabaseWriterService:
         self._retry(lambda: self._require(self.reader).ack(keys))
         self._in_flight.release(keys)
         done = time.perf_counter()
+        self._healthy = True
         self._account(batch, converted.sources, result, letters, new_letters, rejected=set(result.rejected))
+        self._notice_server(result.server)
         if self.metrics is not None:
             self.metrics.observe_batch(
                 converted.seconds + done - started,
