@@ -198,7 +198,7 @@ class DatabaseWriterService:
         if converted is None:
             converted = self._transform(batch)
         started = time.perf_counter()
-        rows, sources, letters = converted.rows, converted.sources, list(converted.letters)
+        rows, sources, letters = converted.rows, converted.sources, converted.letters
 
         def reject(index: int, reason: str) -> dead_letters.DeadLetter:
             stream, entry_id, fields = sources[index]
