@@ -37,7 +37,7 @@ from typing import Any
 import psycopg
 import structlog
 from psycopg import postgres, sql
-from psycopg.adapt import Dumper
+from psycopg.adapt import Dumper, PyFormat
 from psycopg.pq import Format, TransactionStatus
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -73,6 +73,7 @@ _PERMANENT_AT_START = {
 # or starting, turned read-only (a standby, or default_transaction_read_only), or ended one.
 _SESSIONS_LOST_STATES = {"25006", "25P03", "57P01", "57P02", "57P03"}
 RENEW_AFTER_S = 1.0  # at most one new pool a second, however many calls fail at once
+LITERAL_SENSORS = 32  # a batch of at most this many sensors sends its registry upsert with the COMMIT
 STALL_MIN_S = 5.0  # a transaction is cut after max(this, 2 x DB_STATEMENT_TIMEOUT_SEC)
 
 
@@ -262,9 +263,11 @@ class DatabaseWriter:
                 if walfile is None:
                     raise psycopg.errors.ReadOnlySqlTransaction("the server is a standby (in recovery)")
                 yield conn, Server(int(system_id), int(walfile[:8], 16))
-                if conn.info.transaction_status == TransactionStatus.INERROR:  # a COMMIT would roll back, silently
+                status = conn.info.transaction_status
+                if status == TransactionStatus.INERROR:  # a COMMIT would roll back, silently
                     raise psycopg.errors.InFailedSqlTransaction("the transaction failed before its commit")
-                conn.execute("COMMIT")
+                if status == TransactionStatus.INTRANS:  # (IDLE: the body's last query ended with COMMIT)
+                    conn.execute("COMMIT")
             except BaseException:
                 if conn.info.transaction_status != TransactionStatus.UNKNOWN:  # (a lost one is discarded)
                     with suppress(psycopg.Error):
@@ -403,12 +406,22 @@ class DatabaseWriter:
         return result
 
     def _record(self, conn: psycopg.Connection, keys: Iterable, letters: list) -> int:
-        """Registry and dead letters, pipelined into one round trip; -> dead letters new. (The
-        COMMIT stays out of the pipeline: the TimescaleDB test server would not see the
-        transaction end behind the Flush that psycopg sends after a pipeline's Sync.)"""
+        """Registry and dead letters; -> dead letters new. The usual batch (no dead letters, a
+        few sensors) sends its registry upsert with the COMMIT, in one query: a round trip
+        less. Otherwise they go pipelined, and transaction() commits. (The COMMIT stays out of
+        a pipeline: the TimescaleDB test server would not see the transaction end behind the
+        Flush that psycopg sends after a pipeline's Sync.)"""
+        spans = _sensor_spans(keys)
+        if not letters and len(spans) <= LITERAL_SENSORS:
+            conn.execute(sql.SQL("{}; COMMIT").format(self._registry(spans, sql.Literal)) if spans else "COMMIT")
+            return 0
         with conn.cursor() as registry, conn.cursor() as letters_cur:
             with conn.pipeline():
-                self._register_sensors(registry, keys)
+                if spans:
+                    registry.execute(
+                        self._registry(spans, lambda _: sql.Placeholder(format=PyFormat.BINARY)),
+                        self._registry_params(spans),
+                    )
                 if letters:
                     self._insert_dead_letters(letters_cur, letters)
             return max(letters_cur.rowcount, 0) if letters else 0
@@ -482,39 +495,29 @@ class DatabaseWriter:
 
     # Registry and dead letters
 
-    def _register_sensors(self, cur: psycopg.Cursor, keys: Iterable[tuple[str, str, datetime]]) -> None:
+    def _registry(self, spans: dict, value: Callable[[Any], sql.Composable]) -> sql.Composed:
         """One upsert per sensor of the batch into this worker's own registry rows, counting
-        only rows actually inserted. No other worker writes these rows: nothing to wait for."""
-        seen: dict[tuple[str, str], list] = {}
-        for device, sensor, ts in keys:
-            span = seen.get((device, sensor))
-            if span is None:
-                seen[(device, sensor)] = [ts, ts, 1]
-            else:
-                if ts < span[0]:
-                    span[0] = ts
-                elif ts > span[1]:
-                    span[1] = ts
-                span[2] += 1
-        if not seen:
-            return
-        cur.execute(
+        only rows actually inserted. No other worker writes these rows: nothing to wait for.
+        `value` makes each of its values a literal or a placeholder."""
+        return sql.SQL(
             "INSERT INTO db_writer_sensors AS s (device_id, sensor_type, consumer, first_seen, last_seen, readings)"
-            " SELECT d, t, %s, f, l, n FROM unnest(%b::varchar[], %b::varchar[], %b::timestamptz[],"
-            " %b::timestamptz[], %b::int8[]) AS u(d, t, f, l, n)"
+            " SELECT d, t, {}::varchar, f, l, n FROM unnest({}::varchar[], {}::varchar[], {}::timestamptz[],"
+            " {}::timestamptz[], {}::int8[]) AS u(d, t, f, l, n)"
             " ON CONFLICT (device_id, sensor_type, consumer) DO UPDATE SET"
             " first_seen = least(s.first_seen, excluded.first_seen),"
             " last_seen = greatest(s.last_seen, excluded.last_seen),"
-            " readings = s.readings + excluded.readings, last_written_at = now()",
-            [
-                self._consumer,
-                [k[0] for k in seen],
-                [k[1] for k in seen],
-                [v[0] for v in seen.values()],
-                [v[1] for v in seen.values()],
-                [v[2] for v in seen.values()],
-            ],
-        )
+            " readings = s.readings + excluded.readings, last_written_at = now()"
+        ).format(*map(value, self._registry_params(spans)))
+
+    def _registry_params(self, spans: dict) -> list:
+        return [
+            self._consumer,
+            [k[0] for k in spans],
+            [k[1] for k in spans],
+            [v[0] for v in spans.values()],
+            [v[1] for v in spans.values()],
+            [v[2] for v in spans.values()],
+        ]
 
     def _insert_dead_letters(self, cur: psycopg.Cursor, letters: list) -> None:
         """One dead letter per entry: a redelivered bad entry adds no second one."""
@@ -572,6 +575,22 @@ class DatabaseWriter:
                 ],
             ).fetchall()
         return [int(i) - 1 for (i,) in found]
+
+
+def _sensor_spans(keys: Iterable[tuple[str, str, datetime]]) -> dict[tuple[str, str], list]:
+    """(device, sensor) -> [first, last, count] of the rows inserted."""
+    spans: dict[tuple[str, str], list] = {}
+    for device, sensor, ts in keys:
+        span = spans.get((device, sensor))
+        if span is None:
+            spans[(device, sensor)] = [ts, ts, 1]
+        else:
+            if ts < span[0]:
+                span[0] = ts
+            elif ts > span[1]:
+                span[1] = ts
+            span[2] += 1
+    return spans
 
 
 def _conflict_reason(row: Reading, stored: dict) -> str:

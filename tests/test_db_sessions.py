@@ -4,13 +4,15 @@ read-only, the writer's next attempts reach a live, writable session within seco
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
 from psycopg import sql
 
-from db_writer import RENEW_AFTER_S, DatabaseWriter
+from db_writer import LITERAL_SENSORS, RENEW_AFTER_S, DatabaseWriter
 from errors import TransientError
+from schema import Reading
 from test_pipeline import settings_for
 
 
@@ -195,3 +197,52 @@ def test_a_transaction_costs_two_round_trips_and_its_timeouts_end_with_it(redis_
     # BEGIN + settings, SHOW, COMMIT: three round trips, of which the transaction's own are two
     assert waits == 3, trace.read_text()
     assert sent == ["Query", "Query", "Query"], trace.read_text()
+
+
+@pytest.mark.parametrize("sensors", [3, LITERAL_SENSORS + 1])
+def test_a_batch_registers_its_sensors_exactly_and_the_usual_one_does_so_with_its_commit(
+    redis_url, migrated_database_url, tmp_path, sensors
+):
+    """A batch of a few sensors and no dead letters sends its registry upsert in one query
+    with the COMMIT (values as literals: names that need quoting come through as they are);
+    a larger one pipelines it with binary values, then commits. Both count the same."""
+    consumer = f"registry-{sensors}"
+    settings = settings_for(redis_url, migrated_database_url, consumer_name=consumer, db_pool_max_size=1)
+    names = [(f"dev'{k}\\\"{{x}},", f"s {k}") for k in range(sensors)]
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def batch(first: int) -> list[Reading]:
+        return [
+            Reading(start + timedelta(seconds=first + n), device, sensor, 1.0, None)
+            for device, sensor in names
+            for n in range(3)
+        ]
+
+    writer = DatabaseWriter(settings)
+    writer.open()
+    trace = tmp_path / "trace"
+    try:
+        writer.write(batch(0), [], lambda i, r: pytest.fail(r))
+        with trace.open("wb") as out:
+            with writer._pool.connection() as conn:
+                conn.pgconn.trace(out.fileno())
+                conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+            result = writer.write(batch(10), [], lambda i, r: pytest.fail(r))
+            with writer._pool.connection() as conn:
+                conn.pgconn.untrace()
+    finally:
+        writer.close()
+    assert result.inserted == 3 * sensors
+    with psycopg.connect(migrated_database_url) as conn:
+        registry = conn.execute(
+            "SELECT device_id, sensor_type, first_seen, last_seen, readings FROM db_writer_sensors"
+            " WHERE consumer = %s ORDER BY 1, 2",
+            [consumer],
+        ).fetchall()
+    assert registry == sorted((d, s, start, start + timedelta(seconds=12), 6) for d, s in names)
+    lines = trace.read_text().splitlines()
+    waits = sum(1 for line in lines if "\tReadyForQuery\t" in line)
+    commits = [line for line in lines if line.startswith("F") and "COMMIT" in line]
+    # BEGIN + settings, COPY, then the registry with the COMMIT (3); or the registry pipelined, then COMMIT (4)
+    assert waits == (3 if sensors <= LITERAL_SENSORS else 4), trace.read_text()
+    assert len(commits) == 1 and ("INSERT INTO db_writer_sensors" in commits[0]) == (sensors <= LITERAL_SENSORS)
