@@ -73,7 +73,19 @@ _PERMANENT_AT_START = {
 # or starting, turned read-only (a standby, or default_transaction_read_only), or ended one.
 _SESSIONS_LOST_STATES = {"25006", "25P03", "57P01", "57P02", "57P03"}
 RENEW_AFTER_S = 1.0  # at most one new pool a second, however many calls fail at once
-LITERAL_SENSORS = 32  # a batch of at most this many sensors sends its registry upsert with the COMMIT
+LITERAL_SENSORS = 64  # a batch of at most this many sensors sends its registry upsert with the COMMIT
+# One upsert per sensor of the batch into this worker's own registry rows, counting only rows
+# actually inserted. No other worker writes these rows: nothing to wait for. Its values are
+# (consumer, device ids, sensor types, first seen, last seen, counts), bound or as literals.
+_REGISTRY = (
+    "INSERT INTO db_writer_sensors AS s (device_id, sensor_type, consumer, first_seen, last_seen, readings)"
+    " SELECT d, t, {}::varchar, f, l, n FROM unnest({}::varchar[], {}::varchar[], {}::timestamptz[],"
+    " {}::timestamptz[], {}::int8[]) AS u(d, t, f, l, n)"
+    " ON CONFLICT (device_id, sensor_type, consumer) DO UPDATE SET"
+    " first_seen = least(s.first_seen, excluded.first_seen),"
+    " last_seen = greatest(s.last_seen, excluded.last_seen),"
+    " readings = s.readings + excluded.readings, last_written_at = now()"
+)
 STALL_MIN_S = 5.0  # a transaction is cut after max(this, 2 x DB_STATEMENT_TIMEOUT_SEC)
 
 
@@ -127,6 +139,8 @@ class DatabaseWriter:
         self._create_staging = sql.SQL("CREATE TEMP TABLE dbw_staging (idx int4, {}) ON COMMIT DROP").format(
             sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(t)) for c, t in COLUMN_TYPES.items())
         )
+        self._registry_bound = sql.SQL(_REGISTRY).format(*[sql.Placeholder(format=PyFormat.BINARY)] * 6)
+        self._registry_parts = [part.encode() for part in _REGISTRY.split("{}")]
         # Earliest entry first, so it wins a key clash inside the batch.
         self._insert_staged = sql.SQL(
             "INSERT INTO {table} ({columns}) SELECT {columns} FROM dbw_staging ORDER BY idx"
@@ -413,15 +427,12 @@ class DatabaseWriter:
         Flush that psycopg sends after a pipeline's Sync.)"""
         spans = _sensor_spans(keys)
         if not letters and len(spans) <= LITERAL_SENSORS:
-            conn.execute(sql.SQL("{}; COMMIT").format(self._registry(spans, sql.Literal)) if spans else "COMMIT")
+            conn.execute(self._registry_literal(conn, spans) + b"; COMMIT" if spans else b"COMMIT")
             return 0
         with conn.cursor() as registry, conn.cursor() as letters_cur:
             with conn.pipeline():
                 if spans:
-                    registry.execute(
-                        self._registry(spans, lambda _: sql.Placeholder(format=PyFormat.BINARY)),
-                        self._registry_params(spans),
-                    )
+                    registry.execute(self._registry_bound, self._registry_values(spans))
                 if letters:
                     self._insert_dead_letters(letters_cur, letters)
             return max(letters_cur.rowcount, 0) if letters else 0
@@ -495,21 +506,7 @@ class DatabaseWriter:
 
     # Registry and dead letters
 
-    def _registry(self, spans: dict, value: Callable[[Any], sql.Composable]) -> sql.Composed:
-        """One upsert per sensor of the batch into this worker's own registry rows, counting
-        only rows actually inserted. No other worker writes these rows: nothing to wait for.
-        `value` makes each of its values a literal or a placeholder."""
-        return sql.SQL(
-            "INSERT INTO db_writer_sensors AS s (device_id, sensor_type, consumer, first_seen, last_seen, readings)"
-            " SELECT d, t, {}::varchar, f, l, n FROM unnest({}::varchar[], {}::varchar[], {}::timestamptz[],"
-            " {}::timestamptz[], {}::int8[]) AS u(d, t, f, l, n)"
-            " ON CONFLICT (device_id, sensor_type, consumer) DO UPDATE SET"
-            " first_seen = least(s.first_seen, excluded.first_seen),"
-            " last_seen = greatest(s.last_seen, excluded.last_seen),"
-            " readings = s.readings + excluded.readings, last_written_at = now()"
-        ).format(*map(value, self._registry_params(spans)))
-
-    def _registry_params(self, spans: dict) -> list:
+    def _registry_values(self, spans: dict) -> list:
         return [
             self._consumer,
             [k[0] for k in spans],
@@ -518,6 +515,22 @@ class DatabaseWriter:
             [v[1] for v in spans.values()],
             [v[2] for v in spans.values()],
         ]
+
+    def _registry_literal(self, conn: psycopg.Connection, spans: dict) -> bytes:
+        """The registry upsert with its values as literals: names quoted by psycopg, for the
+        connection; timestamps (aware, UTC) and counts written out, which needs no quoting
+        and costs a third of psycopg's adaptation."""
+        consumer, devices, sensors, first, last, counts = self._registry_values(spans)
+        values = [
+            sql.Literal(consumer).as_bytes(conn),
+            sql.Literal(devices).as_bytes(conn),
+            sql.Literal(sensors).as_bytes(conn),
+            _array(ts.isoformat() for ts in first),
+            _array(ts.isoformat() for ts in last),
+            _array(map(str, counts)),
+        ]
+        parts = self._registry_parts
+        return b"".join(part + value for part, value in zip(parts, values, strict=False)) + parts[-1]
 
     def _insert_dead_letters(self, cur: psycopg.Cursor, letters: list) -> None:
         """One dead letter per entry: a redelivered bad entry adds no second one."""
@@ -591,6 +604,11 @@ def _sensor_spans(keys: Iterable[tuple[str, str, datetime]]) -> dict[tuple[str, 
                 span[1] = ts
             span[2] += 1
     return spans
+
+
+def _array(elements: Iterable[str]) -> bytes:
+    """An array literal of elements that need no quoting (digits, '-', ':', '.', 'T', '+')."""
+    return ("'{" + ",".join(elements) + "}'").encode()
 
 
 def _conflict_reason(row: Reading, stored: dict) -> str:

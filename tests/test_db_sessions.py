@@ -208,7 +208,7 @@ def test_a_batch_registers_its_sensors_exactly_and_the_usual_one_does_so_with_it
     a larger one pipelines it with binary values, then commits. Both count the same."""
     consumer = f"registry-{sensors}"
     settings = settings_for(redis_url, migrated_database_url, consumer_name=consumer, db_pool_max_size=1)
-    names = [(f"dev'{k}\\\"{{x}},", f"s {k}") for k in range(sensors)]
+    names = [(f"dev'{k}\\\"{{x}},", f"s {k} %s") for k in range(sensors)]
     start = datetime(2026, 1, 1, tzinfo=UTC)
 
     def batch(first: int) -> list[Reading]:
