@@ -235,8 +235,7 @@ def test_a_batch_registers_its_sensors_exactly_and_the_usual_one_does_so_with_it
     assert result.inserted == 3 * sensors
     with psycopg.connect(migrated_database_url) as conn:
         registry = conn.execute(
-            "SELECT device_id, sensor_type, first_seen, last_seen, readings FROM db_writer_sensors"
-            " WHERE consumer = %s",
+            "SELECT device_id, sensor_type, first_seen, last_seen, readings FROM db_writer_sensors WHERE consumer = %s",
             [consumer],
         ).fetchall()
     assert sorted(registry) == sorted((d, s, start, start + timedelta(seconds=12), 6) for d, s in names)
