@@ -260,7 +260,9 @@ class DatabaseWriter:
     ) -> Iterator[tuple[psycopg.Connection, Server]]:
         """A pooled connection in a transaction with this worker's timeouts; errors translated
         (row errors pass through untranslated only with `row_errors`: the writer isolates
-        them). `timeout_s` bounds the wait for a connection (a stop in progress has little time)."""
+        them). `timeout_s` bounds the wait for a connection (a stop in progress has little time).
+        The body may end the transaction itself with a last query that ends in COMMIT (write()
+        does): the session is autocommit, so nothing may follow that query in the body."""
         assert self._pool is not None, "open() first"
         if self._down and (timeout_s is None or timeout_s >= self._settings.db_connect_timeout_s):
             with self._translated(doing, row_errors, renew=False):
