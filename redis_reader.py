@@ -28,6 +28,7 @@ import redis
 
 import dead_letters
 from config import Settings
+from errors import TransientError
 from redis_client import BLOCK_SLICE_MS, call_packed, hash_tag, is_cluster, pack, translated
 
 CLUSTER_POLL_S = 0.4  # a cluster cannot block on keys of several slots: an idle worker polls this often
@@ -71,6 +72,13 @@ for i, key in ipairs(KEYS) do
 end
 return acked
 """
+
+
+def _ids_by_stream(keys: Iterable[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:
+    by_stream: dict[bytes, list[bytes]] = defaultdict(list)
+    for stream, entry_id in keys:
+        by_stream[stream].append(entry_id)
+    return by_stream
 
 
 def id_key(entry_id: bytes | str) -> tuple[int, int]:
@@ -241,6 +249,8 @@ class StreamReader:
         self._ack = client.register_script(_ACK)
         self._cluster = is_cluster(client)
         self._packed_read: tuple[tuple, list[bytes]] = ((), [])  # the last XREADGROUP, packed (see _xreadgroup)
+        # An ack sent without waiting for its reply: (its connection, or None to send it again; its keys).
+        self._unconfirmed: tuple[Any, list[tuple[bytes, bytes]]] | None = None
         # Workers of one group start their turn of windows at different streams, so they do
         # not all read (and then lock) the same streams in the same order at the same moment.
         self._offset = zlib.crc32(settings.consumer_name.encode())
@@ -577,29 +587,91 @@ class StreamReader:
         digest = hashlib.sha1(f"{letter.original_stream}\0{letter.original_id}".encode(), usedforsecurity=False)
         return self._dedup_prefix + digest.hexdigest()
 
-    def ack(self, keys: Iterable[tuple[bytes, bytes]]) -> None:
-        """XACK in one round trip: one script call (a cluster: one XACK per stream, pipelined)."""
-        by_stream: dict[bytes, list[bytes]] = defaultdict(list)
-        for stream, entry_id in keys:
-            by_stream[stream].append(entry_id)
-        if not by_stream:
-            return
+    def ack(self, keys: Iterable[tuple[bytes, bytes]], wait: bool = True) -> list[tuple[bytes, bytes]]:
+        """XACK in one round trip: one script call (a cluster: one XACK per stream, pipelined).
+        The ack sent before without waiting is confirmed first. With `wait=False` this one is
+        only sent (except in a cluster): its reply is read at the next ack or confirm_acks(),
+        by when Redis has long answered. The loop writes its next batch meanwhile instead of
+        waiting on Redis, which on 2 busy CPUs took 2-3 ms a batch for 1 ms of Redis work (a
+        worker on another machine would wait a network round trip more).
+        -> the keys whose ack is confirmed now. (The loop thread's alone: one ack in flight.)"""
+        confirmed = self.confirm_acks()
+        keys = list(keys)
+        if wait or self._cluster:
+            self._ack_now(keys)
+            return confirmed + keys
+        command = self._ack_command(keys)
+        if command is None:
+            return confirmed
+        pool = self._redis.connection_pool
+        with translated("acknowledge"):
+            conn = pool.get_connection()
+            try:
+                conn.send_packed_command(command)
+            except (redis.ConnectionError, redis.TimeoutError):
+                conn.disconnect()
+                pool.release(conn)
+                raise
+        self._unconfirmed = (conn, keys)
+        return confirmed
+
+    def confirm_acks(self) -> list[tuple[bytes, bytes]]:
+        """Read the reply of the ack sent without waiting. If its connection was lost or the
+        script was flushed meanwhile (a restarted Redis), it is sent again, waited for; while
+        Redis is away that raises TransientError and it stays to be sent at the next call.
+        -> its keys, acked now (none if there was no such ack)."""
+        if self._unconfirmed is None:
+            return []
+        conn, keys = self._unconfirmed
+        if conn is not None:
+            self._unconfirmed = (None, keys)  # the connection's reply is read once, whatever it says
+            pool = self._redis.connection_pool
+            try:
+                with translated("acknowledge"):
+                    conn.read_response()
+            except redis.exceptions.NoScriptError:
+                pass  # sent again below, which loads the script
+            except TransientError:
+                conn.disconnect()  # lost, or a server no longer the primary: sent again below
+            else:
+                self._unconfirmed = None
+                return keys
+            finally:
+                pool.release(conn)
+        self._ack_now(keys)
+        self._unconfirmed = None
+        return keys
+
+    def _ack_now(self, keys: list[tuple[bytes, bytes]]) -> None:
         with translated("acknowledge"):
             if not self._cluster:
-                streams = list(by_stream)
-                counts = [len(by_stream[s]) for s in streams]
-                ids = [entry_id for stream in streams for entry_id in by_stream[stream]]
+                command = self._ack_command(keys)
+                if command is None:
+                    return
                 try:
-                    call_packed(
-                        self._redis, pack(b"EVALSHA", self._ack.sha, len(streams), *streams, self._group, *counts, *ids)
-                    )
+                    call_packed(self._redis, command)
                 except redis.exceptions.NoScriptError:  # a restarted or flushed Redis: load it again
-                    self._ack(keys=streams, args=[self._group, *counts, *ids])
+                    streams, args = self._ack_arguments(keys)
+                    self._ack(keys=streams, args=args)
                 return
             pipe = self._redis.pipeline(transaction=False)
-            for stream, stream_ids in by_stream.items():
+            for stream, stream_ids in _ids_by_stream(keys).items():
                 pipe.xack(stream, self._group, *stream_ids)
             pipe.execute()
+
+    def _ack_arguments(self, keys: list[tuple[bytes, bytes]]) -> tuple[list[bytes], list]:
+        """The ack script's keys (the streams) and arguments (the group, the count per stream, the ids)."""
+        by_stream = _ids_by_stream(keys)
+        streams = list(by_stream)
+        counts = [len(by_stream[s]) for s in streams]
+        return streams, [self._group, *counts, *(entry_id for stream in streams for entry_id in by_stream[stream])]
+
+    def _ack_command(self, keys: list[tuple[bytes, bytes]]) -> list[bytes] | None:
+        """The ack script's call, packed (None: nothing to ack)."""
+        if not keys:
+            return None
+        streams, args = self._ack_arguments(keys)
+        return pack(b"EVALSHA", self._ack.sha, len(streams), *streams, *args)
 
     def ping(self) -> bool:
         try:

@@ -231,8 +231,8 @@ class DatabaseWriterService:
         """After the commit: publish the dead letters, ack, count, log."""
         new_letters = self._retry(lambda: self._require(self.reader).publish_dead_letters(letters)) if letters else []
         keys = batch.keys()
-        self._retry(lambda: self._require(self.reader).ack(keys))
-        self._in_flight.release(keys)
+        # The ack goes out without waiting: its reply is read at the next batch's (see ack).
+        self._in_flight.release(self._retry(lambda: self._require(self.reader).ack(keys, wait=False)))
         done = time.perf_counter()
         self._healthy = True
         self._account(batch, converted.sources, result, letters, new_letters, rejected=set(result.rejected))
@@ -323,6 +323,8 @@ class DatabaseWriterService:
             suspects, self._suspects = self._suspects, []
             for suspect in suspects:
                 self._write_alone(*suspect)
+        if idle:
+            self._confirm_acks()
         ledger = self._require(self.ledger)
         self._quietly(lambda: ledger.flush(timeout_s=self._time_left()))
         if now >= self._next_advance and not self._stop.is_set():
@@ -331,6 +333,13 @@ class DatabaseWriterService:
             self._quietly(
                 lambda: ledger.prune([dead_letters.stream_text(s) for s in self._require(self.reader).streams])
             )
+
+    def _confirm_acks(self) -> None:
+        """The last batch's ack, sent without waiting, confirmed: nothing stays pending in
+        Redis while the worker idles or after it stops (if Redis is away, it stays to be sent)."""
+        reader = self.reader
+        if reader is not None:
+            self._quietly(lambda: self._in_flight.release(reader.confirm_acks()))
 
     def _defer(self, batch: Batch, delay_s: float) -> None:
         """Another worker holds some of these keys in an open transaction (it may be frozen):
@@ -368,8 +377,7 @@ class DatabaseWriterService:
             )
             self._retry(lambda: self._require(self.writer).write([], [letter], lambda i, r: letter))
             new = self._retry(lambda: self._require(self.reader).publish_dead_letters([letter]))
-            self._retry(lambda: self._require(self.reader).ack([(stream, entry_id)]))
-            self._in_flight.release([(stream, entry_id)])
+            self._in_flight.release(self._retry(lambda: self._require(self.reader).ack([(stream, entry_id)])))
             self._account(single, [], WriteResult(), [letter], new, set())
             log.warning(
                 "dead-lettered an entry that stops the worker",
@@ -618,6 +626,8 @@ class DatabaseWriterService:
         start then checks little), release the name (a replacement may start), close the
         pool, then Redis."""
         self.running = False
+        if not self._abort.is_set():
+            self._confirm_acks()
         if self._reconciling is not None:
             self._reconciling.join(self._time_left())
         if self.ledger is not None and not self._abort.is_set():

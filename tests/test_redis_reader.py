@@ -224,6 +224,51 @@ def test_at_a_steady_trickle_with_the_linger_each_batch_is_one_read(redis_client
     assert len(calls) <= 22, (len(calls), sizes)  # one read a batch (two before: 40)
 
 
+def test_an_ack_sent_without_waiting_is_confirmed_at_the_next_and_sent_again_if_lost(redis_url):
+    """ack(wait=False) only sends: the keys come back from the call that read its reply (the
+    next ack, or confirm_acks). An ack whose connection was lost before Redis carried it out,
+    or whose script was flushed meanwhile (a restarted Redis), is sent again, waited for:
+    nothing stays pending."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url, client_name="acker-under-test")
+    admin = redis.Redis.from_url(redis_url)
+    fill(admin, streams=3, per_stream=4)
+    reader = make_reader(client, redis_url, batch_size=3)
+    batches = [reader.read_new() for _ in range(4)]
+    assert [len(b.entries) for b in batches] == [3, 3, 3, 3]
+
+    def pending() -> int:
+        return sum(admin.xpending(f"mqtt_stream:s{s:04d}:t", "db_writer")["pending"] for s in range(3))
+
+    assert reader.ack(batches[0].keys(), wait=False) == []  # sent, not confirmed
+    assert reader.ack(batches[1].keys(), wait=False) == batches[0].keys()
+    assert reader.confirm_acks() == batches[1].keys()
+    assert reader.confirm_acks() == []
+    assert pending() == 6
+
+    admin.client_pause(5000, all=False)  # writes wait: the XACK is sent, not carried out
+    try:
+        assert reader.ack(batches[2].keys(), wait=False) == []
+        for info in admin.client_list():  # ... and its connection is lost before the reply
+            if info["name"] == "acker-under-test" and info["cmd"] == "evalsha":
+                admin.client_kill_filter(_id=info["id"])
+                break
+        else:
+            raise AssertionError("the ack is not waiting in Redis")
+    finally:
+        admin.client_unpause()
+    assert pending() == 6
+    assert reader.confirm_acks() == batches[2].keys()
+    assert pending() == 3
+
+    admin.script_flush()
+    assert reader.ack(batches[3].keys(), wait=False) == []
+    assert pending() == 3  # the reply (NOSCRIPT) is not read yet
+    assert reader.confirm_acks() == batches[3].keys()
+    assert pending() == 0
+
+
 def test_reads_and_acks_survive_a_killed_connection_and_flushed_scripts(redis_url):
     """Reads and acks go out packed on a connection of the pool (redis_client.call_packed):
     a connection the server closed is replaced, and an ack after SCRIPT FLUSH (a restarted
