@@ -2,7 +2,7 @@
 PostgreSQL's own ingest limit measured in the same run, and one worker behind added
 network round-trip time.
 
-    uv run python bench/scaling.py [--entries 200000] [--streams 400] [--repeat 3] [--out bench/results]
+    uv run python bench/scaling.py [--entries 200000] [--streams 400] [--repeat 5] [--out bench/results]
 
 Per run: entries/s, PostgreSQL connections (db-writer's backends, sampled), commits/s and
 WAL bytes per row (pg_stat_database and the WAL position before and after), and lock
@@ -151,7 +151,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--entries", type=int, default=200_000)
     parser.add_argument("--streams", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=1000)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -166,14 +166,14 @@ def main(argv: list[str]) -> int:
             client.flushdb()
             workload.publish(client, items)
         for repeat in range(args.repeat):
-            for clients in WORKERS:
+            for clients in _rotated(WORKERS, repeat):
                 result = copy_limit(db_url, rows, clients)
                 runs.append({"repeat": repeat, "kind": "copy", "workers": clients, **result})
                 print(
                     f"  [{repeat + 1}/{args.repeat}] COPY, {clients} client(s)       {result['rate']:>9,.0f} rows/s",
                     flush=True,
                 )
-            for workers in WORKERS:
+            for workers in _rotated(WORKERS, repeat):
                 result = drain(db_url, names, args.entries, workers, args.batch_size)
                 runs.append({"repeat": repeat, "kind": "drain", "workers": workers, **result})
                 print(
@@ -214,6 +214,14 @@ def main(argv: list[str]) -> int:
     _plot(args.out / "scaling.png", summary)
     print(f"\nwrote {args.out / 'scaling.json'} and {args.out / 'scaling.png'} ({meta['seconds']:.0f} s)")
     return 0
+
+
+def _rotated(counts: tuple[int, ...], repeat: int) -> tuple[int, ...]:
+    """Each repeat starts one count later (1 2 4 8, then 2 4 8 1, ...): no count always runs
+    right after the COPYs, or last, where a checkpoint or the machine's drift would keep
+    falling on it."""
+    shift = repeat % len(counts)
+    return counts[shift:] + counts[:shift]
 
 
 def _summary(runs: list[dict]) -> dict:
