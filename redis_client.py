@@ -104,16 +104,31 @@ def call_packed(client: redis.Redis, command: list[bytes]) -> Any:
     the worker a tenth of its CPU. The pool replaces a connection the server closed while
     it was idle; one lost during the command is the caller's TransientError, retried.
     Not for a cluster client: it routes by key."""
+    return read_reply(client, send_packed(client, command))
+
+
+def send_packed(client: redis.Redis, command: list[bytes]) -> Any:
+    """The first half of call_packed: -> the connection, out of the pool until read_reply."""
     pool = client.connection_pool
     conn = pool.get_connection()
     try:
         conn.send_packed_command(command)
+    except (redis.ConnectionError, redis.TimeoutError):
+        conn.disconnect()
+        pool.release(conn)
+        raise
+    return conn
+
+
+def read_reply(client: redis.Redis, conn: Any) -> Any:
+    """The second half: the reply, and the connection back to the pool (dropped if it was lost)."""
+    try:
         return conn.read_response()
     except (redis.ConnectionError, redis.TimeoutError):
         conn.disconnect()
         raise
     finally:
-        pool.release(conn)
+        client.connection_pool.release(conn)
 
 
 def is_cluster(client: redis.Redis) -> bool:

@@ -30,7 +30,7 @@ import redis
 import dead_letters
 from config import Settings
 from errors import TransientError
-from redis_client import BLOCK_SLICE_MS, call_packed, hash_tag, is_cluster, pack, translated
+from redis_client import BLOCK_SLICE_MS, call_packed, hash_tag, is_cluster, pack, read_reply, send_packed, translated
 
 CLUSTER_POLL_S = 0.4  # a cluster cannot block on keys of several slots: an idle worker polls this often
 
@@ -621,16 +621,8 @@ class StreamReader:
         command = self._ack_command(keys)
         if command is None:
             return confirmed
-        pool = self._redis.connection_pool
         with translated("acknowledge"):
-            conn = pool.get_connection()
-            try:
-                conn.send_packed_command(command)
-            except (redis.ConnectionError, redis.TimeoutError):
-                conn.disconnect()
-                pool.release(conn)
-                raise
-        self._unconfirmed = (conn, keys)
+            self._unconfirmed = (send_packed(self._redis, command), keys)
         return confirmed
 
     def confirm_acks(self) -> list[tuple[bytes, bytes]]:
@@ -643,19 +635,14 @@ class StreamReader:
         conn, keys = self._unconfirmed
         if conn is not None:
             self._unconfirmed = (None, keys)  # the connection's reply is read once, whatever it says
-            pool = self._redis.connection_pool
             try:
                 with translated("acknowledge"):
-                    conn.read_response()
-            except redis.exceptions.NoScriptError:
-                pass  # sent again below, which loads the script
-            except TransientError:
-                conn.disconnect()  # lost, or a server no longer the primary: sent again below
+                    read_reply(self._redis, conn)
+            except (redis.exceptions.NoScriptError, TransientError):
+                pass  # sent again below (which loads the script), to the primary there is now
             else:
                 self._unconfirmed = None
                 return keys
-            finally:
-                pool.release(conn)
         self._ack_now(keys)
         self._unconfirmed = None
         return keys

@@ -160,7 +160,6 @@ def test_eight_workers_on_one_backlog(redis_client, redis_url, monkeypatch):
             touched += len({stream for stream, _, _ in batch.entries})
             reader.ack(batch.keys())
     assert read == 400 * 100
-    print("TOUCHED", touched, "CALLS", len(calls))
     assert touched <= 700, touched  # 540 here
     assert len(calls) <= 280, len(calls)  # 238 here
 
