@@ -28,6 +28,7 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -127,6 +128,27 @@ class WriteResult:
     duplicate_rows: set[int] = field(default_factory=set)  # indexes of the duplicates (careful path only)
 
 
+class _NewestFirst(deque):
+    """Idle connections, handed out newest first: psycopg_pool takes them with popleft()."""
+
+    def popleft(self) -> Any:
+        return self.pop()
+
+
+class _NewestFirstPool(ConnectionPool):
+    """A pool that hands out the connection returned last, as PgBouncer does by default
+    (`server_round_robin = 0`). psycopg_pool hands out the one idle longest: a worker whose
+    pool once grew to two connections (its reconciliation runs beside the loop at start)
+    then alternates between two server processes batch after batch, each with colder caches,
+    16 busy backends for 8 workers. Measured: 8 workers drained 97.6k against 88.9k rows/s
+    (medians of 6 alternated drains; 4 workers 89.9k against 91.1k), 114k against 103k (9 more).
+    (A shrink, after `max_idle` with a connection unused, closes the newest; the other takes over.)"""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pool = _NewestFirst()
+
+
 class DatabaseWriter:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -212,7 +234,7 @@ class DatabaseWriter:
         """Server-side prepared statements are off, for PgBouncer. Autocommit: transaction()
         sends BEGIN itself, with the statement that follows it (psycopg's would be a round
         trip of its own)."""
-        pool = ConnectionPool(
+        pool = _NewestFirstPool(
             self._settings.postgres_dsn,
             min_size=self._settings.db_pool_min_size,
             max_size=self._settings.db_pool_max_size,

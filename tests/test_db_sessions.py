@@ -68,6 +68,21 @@ def writer(redis_url, migrated_database_url):
     writer.close()
 
 
+def test_one_thread_s_transactions_run_on_the_session_it_used_last(writer):
+    """Two idle sessions in the pool (as after a start, when the reconciliation ran beside the
+    loop): the loop's batches go on one server process, not on each in turn."""
+    time.sleep(0.5)  # both pooled sessions connected
+    with writer.transaction("one") as (first, _), writer.transaction("another at once") as (second, _):
+        pids = {first.info.backend_pid, second.info.backend_pid}
+    assert len(pids) == 2
+    used = []
+    for _ in range(6):
+        with writer.transaction("a batch") as (conn, _):
+            used.append(conn.info.backend_pid)
+    assert len(set(used)) == 1, used
+    assert used[0] in pids
+
+
 def test_sessions_ended_by_the_server_are_replaced_at_once(writer, migrated_database_url):
     time.sleep(0.5)  # both pooled sessions connected
     assert _terminate(migrated_database_url, "sessions-test") >= 1
