@@ -151,7 +151,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--entries", type=int, default=200_000)
     parser.add_argument("--streams", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=1000)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=8, help="repeats (default 8: each count twice in each position)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
