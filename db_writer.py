@@ -139,10 +139,9 @@ class _NewestFirstPool(ConnectionPool):
     """A pool that hands out the connection returned last, as PgBouncer does by default
     (`server_round_robin = 0`). psycopg_pool hands out the one idle longest: a worker whose
     pool once grew to two connections (its reconciliation runs beside the loop at start)
-    then alternates between two server processes batch after batch, each with colder caches,
-    16 busy backends for 8 workers. Measured: 8 workers drained 97.6k against 88.9k rows/s
-    (medians of 6 alternated drains; 4 workers 89.9k against 91.1k), 114k against 103k (9 more).
-    (A shrink, after `max_idle` with a connection unused, closes the newest; the other takes over.)"""
+    then alternates between two server processes batch after batch, each with colder caches
+    (measured in docs/SCALING.md). A shrink, after `max_idle` with a connection unused, closes
+    the newest; the other takes over."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
